@@ -1,0 +1,25 @@
+"""The diffusion math, as plain functions over tensors (no nn.Module).
+
+Noise levels are log-SNR `[B]` tensors everywhere; a denoiser is any callable
+`D(z, logsnr) -> x_hat`. Formulas: MATH.md of the design notes, each one tested.
+"""
+
+from .analytic import GaussianMixture
+from .config import DiffusionConfig, GuidanceConfig, SamplerConfig
+from .guidance import (OscillatingWeight, classifier_free_guidance, dynamic_threshold, dynamic_thresholding,
+                       guidance_rescale, guided_denoiser)
+from .losses import WEIGHTINGS, diffusion_loss, loss_weight, x_space_weight
+from .parameterization import (PREDICTIONS, Denoiser, alpha_sigma, convert, diffuse, model_denoiser, posterior,
+                               training_target, transition)
+from .samplers import SAMPLERS, ancestral_step, ddim_step, langevin_step, sample
+from .schedule import CosineSchedule
+
+__all__ = [
+    "CosineSchedule", "alpha_sigma", "diffuse", "convert", "training_target", "posterior", "transition",
+    "model_denoiser", "Denoiser", "PREDICTIONS",
+    "diffusion_loss", "loss_weight", "x_space_weight", "WEIGHTINGS",
+    "sample", "ddim_step", "ancestral_step", "langevin_step", "SAMPLERS",
+    "classifier_free_guidance", "OscillatingWeight", "guidance_rescale", "dynamic_threshold",
+    "dynamic_thresholding", "guided_denoiser",
+    "DiffusionConfig", "SamplerConfig", "GuidanceConfig", "GaussianMixture",
+]

@@ -1,0 +1,63 @@
+"""The training loss: MSE in the chosen target space, with a weighting over noise levels.
+
+Every (target, weighting) pair is a weighted x-space MSE, w(logsnr) ||x - x_hat||^2, because
+||eps - eps_hat||^2 = SNR ||x - x_hat||^2 and ||v - v_hat||^2 = (1 + SNR) ||x - x_hat||^2.
+`weighting` names that x-space weight w; the factor applied to the MSE in the target space is
+w divided by the target's own weight (eps: SNR, v: SNR + 1, x: 1):
+
+    none           the target space's own weight (plain MSE on eps, v or x)
+    snr            SNR                 (what eps-prediction gives)
+    snr+1          SNR + 1             (what v-prediction gives)
+    min_snr        min(SNR, gamma)     (Min-SNR-gamma, Hang et al. 2023)
+    truncated_snr  max(SNR, 1)         (progressive distillation, Salimans & Ho 2022)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .parameterization import PREDICTIONS, Prediction, training_target
+
+Weighting = Literal["none", "snr", "snr+1", "min_snr", "truncated_snr"]
+WEIGHTINGS: tuple[str, ...] = ("none", "snr", "snr+1", "min_snr", "truncated_snr")
+
+
+def x_space_weight(logsnr: torch.Tensor, weighting: Weighting, min_snr_gamma: float = 5.0) -> torch.Tensor:
+    """w(logsnr), the weight the loss puts on ||x - x_hat||^2 (for weighting != "none")."""
+    snr = torch.exp(logsnr.double())
+    if weighting == "snr":
+        return snr
+    if weighting == "snr+1":
+        return snr + 1
+    if weighting == "min_snr":
+        return snr.clamp(max=min_snr_gamma)
+    if weighting == "truncated_snr":
+        return snr.clamp(min=1.0)
+    raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+
+
+def loss_weight(logsnr: torch.Tensor, prediction: Prediction, weighting: Weighting,
+                min_snr_gamma: float = 5.0) -> torch.Tensor:
+    """The `[B]` factor on the target-space MSE that realizes `weighting` for `prediction`."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown parameterization {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+    if weighting == "none":
+        return torch.ones_like(logsnr, dtype=torch.float32)
+    own = {"eps": torch.exp(logsnr.double()), "v": torch.exp(logsnr.double()) + 1,
+           "x": torch.ones_like(logsnr, dtype=torch.float64)}[prediction]
+    return (x_space_weight(logsnr, weighting, min_snr_gamma) / own).float()
+
+
+def diffusion_loss(output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, logsnr: torch.Tensor, *,
+                   prediction: Prediction = "v", weighting: Weighting = "none",
+                   min_snr_gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample loss `[B]` of a network `output` made at z = alpha x + sigma noise.
+
+    The MSE is averaged over all non-batch dimensions in float32; reduce over the batch (or
+    mask, e.g. padded samples) as the caller needs.
+    """
+    target = training_target(x, noise, logsnr, prediction)
+    mse = (output.float() - target.float()).square().flatten(1).mean(dim=1)
+    return mse * loss_weight(logsnr, prediction, weighting, min_snr_gamma).to(mse.device)
