@@ -69,9 +69,13 @@ class GaussianMixture:
         (a sampler's whole batch shares one)."""
         logits = z.new_empty(z.shape[0], len(self.weights))
         cond_mean = z.new_empty(z.shape[0], *self.means.shape)
-        levels, which = torch.unique(torch.stack([alpha, sigma], 1), dim=0, return_inverse=True)
+        levels = torch.stack([alpha, sigma], 1)
+        if (levels == levels[0]).all():
+            levels, which = levels[:1], torch.zeros(len(levels), dtype=torch.long)
+        else:
+            levels, which = torch.unique(levels, dim=0, return_inverse=True)
         for u, (a, s) in enumerate(levels):
-            rows = which == u
+            rows = slice(None) if len(levels) == 1 else which == u
             chol = torch.linalg.cholesky(a**2 * self.covs + s**2 * torch.eye(self.dim, dtype=torch.float64))
             precision = torch.cholesky_inverse(chol)  # [K, D, D]
             logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)

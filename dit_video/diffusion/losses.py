@@ -45,8 +45,8 @@ def loss_weight(logsnr: torch.Tensor, prediction: Prediction, weighting: Weighti
         raise ValueError(f"unknown parameterization {prediction!r}; choose from {', '.join(PREDICTIONS)}")
     if weighting == "none":
         return torch.ones_like(logsnr, dtype=torch.float32)
-    own = {"eps": torch.exp(logsnr.double()), "v": torch.exp(logsnr.double()) + 1,
-           "x": torch.ones_like(logsnr, dtype=torch.float64)}[prediction]
+    snr = torch.exp(logsnr.double())
+    own = {"eps": snr, "v": snr + 1, "x": torch.ones_like(snr)}[prediction]
     return (x_space_weight(logsnr, weighting, min_snr_gamma) / own).float()
 
 
@@ -55,9 +55,11 @@ def diffusion_loss(output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, l
                    min_snr_gamma: float = 5.0) -> torch.Tensor:
     """Per-sample loss `[B]` of a network `output` made at z = alpha x + sigma noise.
 
-    The MSE is averaged over all non-batch dimensions in float32; reduce over the batch (or
-    mask, e.g. padded samples) as the caller needs.
+    The MSE is averaged over all non-batch dimensions in at least float32 (bfloat16 outputs give
+    a float32 loss); reduce over the batch (or mask) as the caller needs.
     """
     target = training_target(x, noise, logsnr, prediction)
-    mse = (output.float() - target.float()).square().flatten(1).mean(dim=1)
-    return mse * loss_weight(logsnr, prediction, weighting, min_snr_gamma).to(mse.device)
+    dtype = torch.promote_types(torch.promote_types(output.dtype, target.dtype), torch.float32)
+    mse = (output.to(dtype) - target.to(dtype)).square().flatten(1).mean(dim=1)
+    weight = loss_weight(logsnr, prediction, weighting, min_snr_gamma)
+    return mse * weight.to(device=mse.device, dtype=dtype)

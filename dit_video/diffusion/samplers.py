@@ -117,8 +117,9 @@ def sample(denoiser: Denoiser, z: torch.Tensor, *, sampler: Sampler = "ddim", st
         return denoiser(z_work.to(in_dtype), level).to(work)
 
     def fresh_noise() -> torch.Tensor:
+        # Drawn in float32 whatever the dtype, so one seed gives the same sample in every precision.
         device = generator.device if generator is not None else z.device
-        return torch.randn(z.shape, generator=generator, device=device, dtype=work).to(z.device)
+        return torch.randn(z.shape, generator=generator, device=device).to(device=z.device, dtype=work)
 
     z = z.to(work)
     for i in tqdm(range(steps), desc=sampler, disable=not progress, leave=False):
