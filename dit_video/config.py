@@ -138,15 +138,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def _check_bounds(value: Any, bounds: dict, tp: Any, key: str) -> None:
+    """Range check of a number, or of each number in a list (reported by its index)."""
     if value is None or not bounds:
         return
-    values = value if isinstance(value, (list, tuple)) else [value]
-    for v in values:
+    items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+    for i, v in items:
         for name, bound in bounds.items():
             if not _BOUND_OK[name](v, bound):
                 limits = " and ".join(f"{_BOUND_TEXT[n]} {b}" for n, b in bounds.items())
-                what = _describe(tp).split(" or ")[0]
-                raise _Invalid(key, f"expected {what} {limits}, got {value!r}")
+                what = "an int" if isinstance(v, int) else "a number"
+                raise _Invalid(key if i is None else f"{key}[{i}]", f"expected {what} {limits}, got {v!r}")
 
 
 def _build(cls: type[T], data: dict, prefix: str) -> T:
@@ -169,7 +170,7 @@ def _build(cls: type[T], data: dict, prefix: str) -> T:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise _Invalid(prefix or cls.__name__, str(e)) from None
+        raise _Invalid(prefix, str(e)) from None
 
 
 def from_dict(cls: type[T], data: dict | None, source: str = "config",
@@ -180,9 +181,10 @@ def from_dict(cls: type[T], data: dict | None, source: str = "config",
     except _Invalid as e:
         origin = source
         for key, where in (sources or {}).items():
-            if e.key == key or e.key.startswith(key + ".") or e.key.startswith(key + "["):
+            if e.key == key or e.key.startswith((key + ".", key + "[")):
                 origin = where
-        raise ConfigError(f"{origin}: {e.key}: {e.reason}") from None
+        where = f"{origin}: {e.key}" if e.key else origin
+        raise ConfigError(f"{where}: {e.reason}") from None
 
 
 def to_dict(cfg: Any) -> dict:
