@@ -1,6 +1,7 @@
 """The demo: the samplers on a 2D mixture, drawn into a PNG, through its command line."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,10 @@ def test_sliced_wasserstein_sees_a_shift():
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "dit_video.toy2d", *args], cwd=cwd, capture_output=True, text=True)
+    # The package is importable from the repo root even where it is not installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "dit_video.toy2d", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):

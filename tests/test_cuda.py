@@ -1,0 +1,66 @@
+"""The same math on a CUDA device (skipped where there is none): devices and dtypes are kept,
+and with a CPU generator a CUDA run draws the same noise, so it matches the CPU run."""
+
+import pytest
+import torch
+
+from dit_video.diffusion import (GaussianMixture, alpha_sigma, classifier_free_guidance, diffusion_loss,
+                                 dynamic_thresholding, sample)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SAMPLERS = [dict(sampler="ddim"), dict(sampler="ddim", eta=0.7), dict(sampler="ancestral", gamma=0.5),
+            dict(sampler="pc", corrector_steps=2)]
+
+
+def gaussian_denoiser(mean: float, var: float):
+    """E[x | z] for x ~ N(mean, var I), elementwise, on z's device."""
+
+    def denoise(z, logsnr):
+        a, s = (c.view(-1, *[1] * (z.ndim - 1)) for c in alpha_sigma(logsnr))
+        return (mean + a * var * (z - a * mean) / (a**2 * var + s**2)).to(z.dtype)
+
+    return denoise
+
+
+@pytest.mark.parametrize("kwargs", SAMPLERS)
+def test_cuda_sample_matches_cpu_with_a_cpu_generator(kwargs):
+    z = torch.randn(8, 4, 5, 6, 6)
+    d = gaussian_denoiser(0.3, 0.5)
+    cpu = sample(d, z, steps=20, generator=torch.Generator().manual_seed(0), **kwargs)
+    gpu = sample(d, z.cuda(), steps=20, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", SAMPLERS)
+def test_cuda_generator_and_bfloat16(kwargs):
+    z = torch.randn(64, 3, device="cuda").bfloat16()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = sample(gaussian_denoiser(1.0, 0.25), z, steps=64, generator=gen, **kwargs)
+    assert x.dtype == torch.bfloat16 and x.device.type == "cuda" and torch.isfinite(x).all()
+    assert x.float().mean().item() == pytest.approx(1.0, abs=0.1)
+
+
+def test_guidance_wrappers_on_cuda_in_bfloat16():
+    def model(z, logsnr, label):
+        return label.view(-1, 1, 1) * z
+
+    z = 4 * torch.randn(4, 8, 16)
+    cond, uncond = {"label": torch.ones(4)}, {"label": torch.zeros(4)}
+    ref = dynamic_thresholding(classifier_free_guidance(model, 2.0, cond, uncond, rescale=0.5), 0.99)(z, torch.zeros(4))
+    cond_g = {"label": torch.ones(4, device="cuda", dtype=torch.bfloat16)}
+    uncond_g = {"label": torch.zeros(4, device="cuda", dtype=torch.bfloat16)}
+    guided = dynamic_thresholding(classifier_free_guidance(model, 2.0, cond_g, uncond_g, rescale=0.5), 0.99)
+    out = guided(z.cuda().bfloat16(), torch.zeros(4, device="cuda"))
+    assert out.device.type == "cuda" and out.abs().max() <= 1.0
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=0, atol=0.05)
+
+
+def test_loss_and_exact_denoiser_keep_the_device():
+    x = torch.randn(4, 3, 2, 8, 8, device="cuda")
+    loss = diffusion_loss(torch.randn_like(x).bfloat16(), x, torch.randn_like(x), torch.linspace(-20, 20, 4, device="cuda"),
+                          prediction="v", weighting="min_snr")
+    assert loss.device.type == "cuda" and loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    data = GaussianMixture.gaussian([0.0, 1.0], [[1.0, 0.0], [0.0, 2.0]])
+    out = data.denoiser(torch.randn(5, 2, device="cuda"), torch.zeros(5, device="cuda"))
+    assert out.device.type == "cuda"
