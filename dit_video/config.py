@@ -74,7 +74,7 @@ def _describe(tp: Any) -> str:
     if origin in (list, tuple):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} items"
-        return f"a list of {_describe(args[0])}" if args else "a list"
+        return f"a list ({_describe(args[0])} each)" if args else "a list"
     if origin is dict:
         return "a mapping"
     return {bool: "true or false", int: "an int", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -96,7 +96,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise _Invalid(key, f"expected {_describe(tp)}, got {value!r}")
     if origin is Literal:
-        if value in args and all(type(value) is type(a) for a in args if a == value):
+        if any(value == a and type(value) is type(a) for a in args):
             return value
         raise _Invalid(key, f"expected {_describe(tp)}, got {value!r}")
     if origin in (list, tuple):
@@ -137,7 +137,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise _Invalid(key, f"expected {_describe(tp)}, got {value!r}")
 
 
-def _check_bounds(value: Any, bounds: dict, tp: Any, key: str) -> None:
+def _check_bounds(value: Any, bounds: dict, key: str) -> None:
     """Range check of a number, or of each number in a list (reported by its index)."""
     if value is None or not bounds:
         return
@@ -162,7 +162,7 @@ def _build(cls: type[T], data: dict, prefix: str) -> T:
             raise _Invalid(key, "unknown key" + hint)
         f = fields[name]
         converted = _convert(value, hints[name], key)
-        _check_bounds(converted, f.metadata.get("bounds", {}), hints[name], key)
+        _check_bounds(converted, f.metadata.get("bounds", {}), key)
         kwargs[name] = converted
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

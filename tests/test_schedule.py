@@ -61,5 +61,19 @@ def test_grid_is_uniform_in_t_from_noise_to_data():
 def test_bad_schedules_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CosineSchedule(**kwargs)
-    with pytest.raises(ValueError, match="steps"):
+
+
+def test_a_grid_needs_a_step():
+    with pytest.raises(ValueError, match="steps must be >= 1"):
         CosineSchedule().grid(0)
+
+
+def test_training_levels_are_uniform_in_t():
+    s = CosineSchedule()
+    lam = s.sample_logsnr(50_000, generator=torch.Generator().manual_seed(0))
+    assert lam.shape == (50_000,) and lam.dtype == torch.float32
+    assert lam.min() >= -20 and lam.max() <= 20
+    t = s.time(lam.double())
+    # uniform on [0, 1]: mean 1/2, variance 1/12, and the median level is logsnr(0.5) = 0
+    assert t.mean().item() == pytest.approx(0.5, abs=0.005) and t.var().item() == pytest.approx(1 / 12, rel=0.02)
+    assert lam.median().item() == pytest.approx(0.0, abs=0.05)

@@ -63,6 +63,13 @@ class CosineSchedule:
         t = (torch.atan(torch.exp(-(logsnr.double() - self.shift) / 2)) - b) / a
         return t.clamp(0.0, 1.0).to(out_dtype)
 
+    def sample_logsnr(self, batch: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+        """Training noise levels: t ~ U(0, 1), one per sample, mapped to log-SNR `[batch]`."""
+        t = torch.rand(batch, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else device)
+        return self.logsnr(t).float().to(device)
+
     def grid(self, steps: int, device: torch.device | str | None = None,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`steps + 1` log-SNR levels, uniform in t from t = 1 (noise) down to t = 0 (data)."""
