@@ -5,8 +5,10 @@
 The data is a ring of eight Gaussians with unequal weights, whose exact denoiser E[x | z_t] is
 known (`GaussianMixture`), so every difference from the data is the sampler's own error. The
 figure shows, for each sampler (rows) and step count (columns), the samples over the data
-density, and below, the sliced Wasserstein distance to fresh data against the step count.
-Beside the PNG it writes the effective config (`<name>.yaml`) and the distances (`<name>.json`).
+density; then classifier-free guidance towards one class (the three upper modes) at each
+`guidance_weights` entry, the unconditional denoiser being the whole ring's; and at the bottom
+the sliced Wasserstein distance to fresh data against the step count. Beside the PNG it writes
+the effective config (`<name>.yaml`) and the numbers (`<name>.json`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .cli import UsageError, exits_cleanly, parse_config_args
 from .config import param, save_config
-from .diffusion import CosineSchedule, GaussianMixture, sample
+from .diffusion import CosineSchedule, GaussianMixture, classifier_free_guidance, sample
 from .files import atomic_path, write_text_atomic
 
 # Named sampler settings the figure can show, as keyword arguments of `sample`.
@@ -35,6 +37,7 @@ PRESETS = {
     "pc": dict(sampler="pc", gamma=0.0, corrector_steps=1, delta=0.1),
 }
 Preset = Literal["ddim", "ddim_eta1", "ancestral", "ancestral_gamma1", "pc"]
+GUIDED_CLASS = [1, 2, 3]  # the modes at 45, 90 and 135 degrees
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Toy2DConfig:
     out: str = "outputs/toy2d/samplers.png"
     samplers: list[Preset] = field(default_factory=lambda: ["ddim", "ancestral", "ancestral_gamma1", "pc"])
     steps: list[int] = param(default_factory=lambda: [4, 16, 64, 256], ge=1)
+    guidance_weights: list[float] = param(default_factory=lambda: [0.0, 1.0, 3.0], ge=0)  # [] skips the row
     num_samples: int = param(4000, ge=16)
     seed: int = 0
     schedule: CosineSchedule = field(default_factory=CosineSchedule)
@@ -91,7 +95,28 @@ def run(cfg: Toy2DConfig, progress: bool = True) -> dict:
         distance.setdefault(name, {})[steps] = sliced_wasserstein(x, reference)
     # The floor: the distance between two independent draws of the data itself.
     floor = sliced_wasserstein(data.sample(cfg.num_samples, generator=gen)[0], reference)
-    return {"mixture": data, "data": reference, "samples": samples, "distance": distance, "floor": floor}
+    guided, in_class = guidance_runs(data, noise, cfg)
+    return {"mixture": data, "data": reference, "samples": samples, "distance": distance, "floor": floor,
+            "class_data": data.restrict(GUIDED_CLASS).sample(cfg.num_samples, generator=gen)[0],
+            "guided": guided, "in_class": in_class}
+
+
+def guidance_runs(data: GaussianMixture, noise: torch.Tensor, cfg: Toy2DConfig) -> tuple[dict, dict]:
+    """DDIM with classifier-free guidance towards GUIDED_CLASS at each weight, at the largest step
+    count; returns the samples and the share of them that land in the class's modes."""
+    upper = data.restrict(GUIDED_CLASS)
+
+    def conditional(z: torch.Tensor, logsnr: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return torch.where(label[:, None].bool(), upper.denoiser(z, logsnr), data.denoiser(z, logsnr))
+
+    cond, uncond = {"label": torch.ones(len(noise))}, {"label": torch.zeros(len(noise))}
+    guided, in_class = {}, {}
+    for w in cfg.guidance_weights:
+        x = sample(classifier_free_guidance(conditional, w, cond, uncond), noise, steps=max(cfg.steps),
+                   schedule=cfg.schedule)
+        guided[w] = x
+        in_class[w] = torch.isin(data.component_of(x), torch.tensor(GUIDED_CLASS)).double().mean().item()
+    return guided, in_class
 
 
 def draw(result: dict, cfg: Toy2DConfig, path: Path) -> None:
@@ -100,9 +125,12 @@ def draw(result: dict, cfg: Toy2DConfig, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, cols = len(cfg.samplers), len(cfg.steps) + 1
-    fig = plt.figure(figsize=(2.3 * cols, 2.3 * rows + 2.8), dpi=90)
-    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1] * rows + [1.25], hspace=0.35, wspace=0.08)
+    rows = len(cfg.samplers) + (1 if cfg.guidance_weights else 0)
+    cols = max(len(cfg.steps), len(cfg.guidance_weights)) + 1
+    height = 2.3 * rows + 2.8
+    fig = plt.figure(figsize=(2.3 * cols, height), dpi=90)
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1] * rows + [1.25], hspace=0.35, wspace=0.08,
+                            top=1 - 0.7 / height)
     lim = 3.0
     xs = torch.linspace(-lim, lim, 160, dtype=torch.float64)
     gx, gy = torch.meshgrid(xs, xs, indexing="xy")
@@ -122,6 +150,12 @@ def draw(result: dict, cfg: Toy2DConfig, path: Path) -> None:
         for c, steps in enumerate(cfg.steps, start=1):
             sw = result["distance"][name][steps]
             panel(r, c, result["samples"][name, steps], f"{steps} steps  SW {sw:.3f}", f"C{r}")
+    if cfg.guidance_weights:
+        r = len(cfg.samplers)
+        panel(r, 0, result["class_data"], "data of the class", "black")
+        fig.axes[-1].set_ylabel(f"CFG, ddim {max(cfg.steps)}", fontsize=9)
+        for c, w in enumerate(cfg.guidance_weights, start=1):
+            panel(r, c, result["guided"][w], f"w = {w:g}  in class {100 * result['in_class'][w]:.1f}%", "C5")
 
     ax = fig.add_subplot(grid[rows, :])
     for r, name in enumerate(cfg.samplers):
@@ -129,8 +163,10 @@ def draw(result: dict, cfg: Toy2DConfig, path: Path) -> None:
     ax.axhline(result["floor"], color="0.5", ls="--", lw=1, label="data vs data")
     ax.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="sliced Wasserstein to data")
     ax.set_xticks(cfg.steps, [str(s) for s in cfg.steps])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(fontsize=8, ncols=min(5, len(cfg.samplers) + 1))
-    fig.suptitle("Samplers with the exact denoiser of a 2D Gaussian mixture", fontsize=11)
+    fig.suptitle("Samplers and guidance with the exact denoiser of a 2D Gaussian mixture", fontsize=11,
+                 y=1 - 0.2 / height)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
@@ -147,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     if not os.access(out.parent, os.W_OK):
         raise UsageError(f"{out.parent}: output directory is not writable")
     result = run(cfg)
-    metrics = {"sliced_wasserstein": result["distance"], "data_vs_data": result["floor"]}
+    metrics = {"sliced_wasserstein": result["distance"], "data_vs_data": result["floor"],
+               "guidance_in_class": result["in_class"]}
     try:
         draw(result, cfg, out)
         save_config(cfg, out.with_suffix(".yaml"))

@@ -30,6 +30,9 @@ def test_demo_writes_a_picture_its_config_and_its_numbers(tmp_path, capsys):
     metrics = json.loads(out.with_suffix(".json").read_text())
     for name in ("ddim", "pc"):
         assert metrics["sliced_wasserstein"][name]["32"] < metrics["sliced_wasserstein"][name]["2"]
+    # guidance towards the upper modes: at w = 0 the conditional model alone already lands there
+    assert set(metrics["guidance_in_class"]) == {"0.0", "1.0", "3.0"}
+    assert min(metrics["guidance_in_class"].values()) > 0.95
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in out.parent.iterdir()) == ["toy.json", "toy.png", "toy.yaml"]  # no temp files left
 
