@@ -31,12 +31,12 @@ def exits_cleanly(main: Callable[[list[str] | None], T]) -> Callable[[list[str] 
     return wrapper
 
 
-def parse_config_args(cls: type[T], argv: list[str] | None, prog: str, description: str) -> tuple[T, str]:
-    """Parse `CONFIG.yaml [key=value ...]` into a validated `cls`; returns it and the path."""
+def parse_config_args(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
+    """Parse `CONFIG.yaml [key=value ...]` into a validated `cls`."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="Overrides are dotted keys with YAML values, e.g. steps=[4,16] schedule.logsnr_max=15.")
     parser.add_argument("config", help="a YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
-    return load_config(cls, args.config, args.overrides), args.config
+    return load_config(cls, args.config, args.overrides)

@@ -174,7 +174,7 @@ def draw(result: dict, cfg: Toy2DConfig, path: Path) -> None:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
-    cfg, _ = parse_config_args(Toy2DConfig, argv, "python -m dit_video.toy2d", __doc__.split("\n\n")[0])
+    cfg = parse_config_args(Toy2DConfig, argv, "python -m dit_video.toy2d", __doc__.split("\n\n")[0])
     out = Path(cfg.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,9 @@ def test_every_conversion_against_the_truth():
             # dividing by alpha (eps -> x at logsnr -20) amplifies rounding by 1/alpha = 2e4
             torch.testing.assert_close(got, truth[target], rtol=1e-6, atol=1e-6,
                                        msg=f"{source} -> {target}")
+            back = convert(got, z, lam, target, source)
+            torch.testing.assert_close(back, truth[source], rtol=1e-6, atol=1e-6,
+                                       msg=f"{source} -> {target} -> {source}")
 
 
 def test_x_from_v_has_the_minus_sign():
