@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dit_video.diffusion import convert, diffuse, diffusion_loss, loss_weight, training_target
+from dit_video.diffusion import (CosineSchedule, DiffusionConfig, convert, diffuse, diffusion_loss, loss_weight,
+                                 training_loss, training_target)
 
 LEVELS = torch.tensor([-20.0, -6.0, -1.0, 0.0, 1.6, 5.0, 20.0], dtype=torch.float64)
 
@@ -62,3 +63,25 @@ def test_unknown_names_are_refused():
         diffusion_loss(x, x, x, torch.zeros(2), weighting="p2")
     with pytest.raises(ValueError, match="unknown parameterization"):
         diffusion_loss(x, x, x, torch.zeros(2), prediction="score")
+
+
+def test_training_loss_is_the_configured_loss_at_drawn_levels():
+    cfg = DiffusionConfig(prediction="eps", weighting="min_snr", min_snr_gamma=2.0,
+                          schedule=CosineSchedule(logsnr_min=-10.0, logsnr_max=10.0))
+    x = torch.randn(6, 3, 2, 4, 4)
+    seen = {}
+
+    def model(z, logsnr, scale):
+        seen.update(z=z, logsnr=logsnr)
+        return scale * z
+
+    loss = training_loss(model, x, cfg, generator=torch.Generator().manual_seed(0), scale=0.5)
+    # the same draws, by hand: levels first, then noise
+    gen = torch.Generator().manual_seed(0)
+    logsnr = cfg.schedule.sample_logsnr(6, generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    torch.testing.assert_close(seen["logsnr"], logsnr)
+    torch.testing.assert_close(seen["z"], diffuse(x, logsnr, noise))
+    assert seen["logsnr"].min() >= -10 and seen["logsnr"].max() <= 10
+    expected = diffusion_loss(0.5 * seen["z"], x, noise, logsnr, prediction="eps", weighting="min_snr", min_snr_gamma=2.0)
+    torch.testing.assert_close(loss, expected)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dit_video.config import load_config
-from dit_video.toy2d import Toy2DConfig, main, ring_mixture, sliced_wasserstein
+from dit_video.toy2d import Toy2DConfig, main, ring_mixture, run, sliced_wasserstein
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs/toy/samplers2d.yaml")
@@ -65,3 +65,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     blocker.write_text("")
     result = _cli(TOY, f"out={blocker / 'x.png'}", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_seed_decides_the_draws_and_an_empty_guidance_list_skips_guidance():
+    small = dict(num_samples=64, steps=[2, 4], samplers=["pc"], guidance_weights=[])
+    a = run(Toy2DConfig(seed=1, **small), progress=False)
+    b = run(Toy2DConfig(seed=1, **small), progress=False)
+    c = run(Toy2DConfig(seed=2, **small), progress=False)
+    assert torch.equal(a["samples"]["pc", 4], b["samples"]["pc", 4])
+    assert not torch.equal(a["samples"]["pc", 4], c["samples"]["pc", 4])
+    assert a["guided"] == {} and a["in_class"] == {}

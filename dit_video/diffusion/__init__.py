@@ -8,7 +8,7 @@ from .analytic import GaussianMixture
 from .config import DiffusionConfig, GuidanceConfig, SamplerConfig
 from .guidance import (OscillatingWeight, classifier_free_guidance, dynamic_threshold, dynamic_thresholding,
                        guidance_rescale, guided_denoiser)
-from .losses import WEIGHTINGS, diffusion_loss, loss_weight, x_space_weight
+from .losses import WEIGHTINGS, diffusion_loss, loss_weight, training_loss, x_space_weight
 from .parameterization import (PREDICTIONS, Denoiser, alpha_sigma, convert, diffuse, model_denoiser, posterior,
                                training_target, transition)
 from .samplers import SAMPLERS, ancestral_step, ddim_step, langevin_step, sample
@@ -17,7 +17,7 @@ from .schedule import CosineSchedule
 __all__ = [
     "CosineSchedule", "alpha_sigma", "diffuse", "convert", "training_target", "posterior", "transition",
     "model_denoiser", "Denoiser", "PREDICTIONS",
-    "diffusion_loss", "loss_weight", "x_space_weight", "WEIGHTINGS",
+    "diffusion_loss", "training_loss", "loss_weight", "x_space_weight", "WEIGHTINGS",
     "sample", "ddim_step", "ancestral_step", "langevin_step", "SAMPLERS",
     "classifier_free_guidance", "OscillatingWeight", "guidance_rescale", "dynamic_threshold",
     "dynamic_thresholding", "guided_denoiser",

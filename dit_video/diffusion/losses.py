@@ -14,11 +14,12 @@ w divided by the target's own weight (eps: SNR, v: SNR + 1, x: 1):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
-from .parameterization import PREDICTIONS, Prediction, training_target
+from .config import DiffusionConfig
+from .parameterization import PREDICTIONS, Prediction, diffuse, training_target
 
 Weighting = Literal["none", "snr", "snr+1", "min_snr", "truncated_snr"]
 WEIGHTINGS: tuple[str, ...] = ("none", "snr", "snr+1", "min_snr", "truncated_snr")
@@ -63,3 +64,16 @@ def diffusion_loss(output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, l
     mse = (output.to(dtype) - target.to(dtype)).square().flatten(1).mean(dim=1)
     weight = loss_weight(logsnr, prediction, weighting, min_snr_gamma)
     return mse * weight.to(device=mse.device, dtype=dtype)
+
+
+def training_loss(model: Callable[..., torch.Tensor], x: torch.Tensor, cfg: DiffusionConfig,
+                  generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
+    """The per-sample `[B]` loss of one training step as `cfg` defines it: a noise level per sample,
+    uniform in t over `cfg.schedule`, z = alpha x + sigma noise, and `diffusion_loss` of
+    `model(z, logsnr, **model_kwargs)` for `cfg.prediction` with `cfg.weighting`."""
+    logsnr = cfg.schedule.sample_logsnr(x.shape[0], generator=generator, device=x.device)
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=device).to(device=x.device, dtype=x.dtype)
+    output = model(diffuse(x, logsnr, noise).to(x.dtype), logsnr, **model_kwargs)
+    return diffusion_loss(output, x, noise, logsnr, prediction=cfg.prediction, weighting=cfg.weighting,
+                          min_snr_gamma=cfg.min_snr_gamma)
