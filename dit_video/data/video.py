@@ -68,7 +68,7 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None, size: tup
     frames = torch.from_numpy(_decode(reader, path, indices))  # [T, H, W, 3] uint8
     frames = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     if size is not None:
-        frames = _cover_and_center_crop(frames, size)
+        frames = cover_and_center_crop(frames, size)
     return frames.permute(1, 0, 2, 3).contiguous()
 
 
@@ -200,7 +200,7 @@ def _captured_stderr() -> Iterator[Callable[[], str]]:
             os.close(saved)
 
 
-def _cover_and_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def cover_and_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[T, C, H, W] resized with its aspect ratio kept until it covers `size`, then center-cropped."""
     height, width = size
     h, w = frames.shape[-2:]
