@@ -1,0 +1,71 @@
+"""One attention function, three backends: sdpa agrees with the math reference (xformers is
+compared on a GPU by tests/test_cuda.py)."""
+
+import logging
+
+import pytest
+import torch
+
+from dit_video.models import attention, resolve_backend
+
+
+def _qkv(b=2, h=3, lq=7, lk=5, d=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, h, n, d, generator=g, dtype=dtype) for n in (lq, lk, lk)]
+
+
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 7, 5), (2, 1, 7, 5), (2, 3, 7, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_matches_the_math_reference(bias_shape, masked):
+    q, k, v = _qkv()
+    bias = None if bias_shape is None else torch.randn(bias_shape)
+    key_mask = torch.tensor([[True, True, False, True, False], [True] * 5]) if masked else None
+    ref = attention(q, k, v, bias, key_mask, backend="math")
+    torch.testing.assert_close(attention(q, k, v, bias, key_mask, backend="sdpa"), ref, rtol=1e-5, atol=1e-5)
+    # gradients agree too
+    grads = []
+    for backend in ("math", "sdpa"):
+        qq = q.clone().requires_grad_()
+        attention(qq, k, v, bias, key_mask, backend=backend).square().sum().backward()
+        grads.append(qq.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_reference_is_softmax_attention():
+    q, k, v = _qkv(b=1, h=1, lq=1, lk=3, d=2, dtype=torch.float64)
+    scores = (q[0, 0] @ k[0, 0].T) / 2**0.5
+    expected = scores.softmax(-1) @ v[0, 0]
+    torch.testing.assert_close(attention(q, k, v, backend="math")[0, 0], expected)
+    # a key mask leaving one key makes the output that key's value
+    only = torch.tensor([[False, True, False]])
+    torch.testing.assert_close(attention(q, k, v, key_mask=only, backend="math")[0, 0, 0], v[0, 0, 1])
+
+
+def test_a_large_bias_selects_keys_like_a_mask():
+    q, k, v = _qkv()
+    bias = torch.zeros(1, 1, 7, 5)
+    bias[..., 2:] = -1e4
+    mask = torch.tensor([[True, True, False, False, False]] * 2)
+    torch.testing.assert_close(attention(q, k, v, bias=bias), attention(q, k, v, key_mask=mask), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_is_sdpa_on_cpu_and_says_so_once(caplog):
+    resolve_backend.cache_clear()
+    q, k, v = _qkv()
+    with caplog.at_level(logging.INFO, logger="dit_video.models.attention"):
+        out = attention(q, k, v)
+        attention(q, k, v)
+    assert [r.getMessage() for r in caplog.records] == ["attention backend: sdpa (device cpu)"]
+    torch.testing.assert_close(out, attention(q, k, v, backend="sdpa"))
+
+
+def test_bad_calls_are_refused():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="need q"):
+        attention(q, k[:, :, :, :8], v)
+    with pytest.raises(ValueError, match="key_mask must be a bool"):
+        attention(q, k, v, key_mask=torch.ones(2, 5))
+    with pytest.raises(RuntimeError, match="CUDA only"):
+        attention(q, k, v, backend="xformers")
