@@ -1,0 +1,225 @@
+"""DiT over latent spacetime patches, with factorized space-time attention (Sora / Latte / VDM).
+
+Each block: spatial self-attention (frames folded into the batch), temporal self-attention
+(spatial positions folded into the batch) with relative position information, cross-attention to
+text, MLP. The noise level (and the cascade's conditioning-augmentation level, and pooled text)
+conditions the blocks through adaLN-Zero, so an untrained model outputs exactly zero. Positions
+are computed for the input's own frames, height and width: any latent size the patch divides.
+
+    forward(z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None)
+
+`is_image` [B] bool restricts temporal attention to each frame itself (the VDM masking), so a
+T-frame "video" of independent images gives, frame by frame, what T one-frame inputs give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from einops import rearrange
+from timm.layers import Mlp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import param
+from .attention import attention
+from .embeddings import RelativePositionBias, apply_rope, fourier_features, rope_frequencies, sincos_2d
+
+SIZES = {"tiny": (64, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+
+@dataclass
+class DiTConfig:
+    name: Literal["dit"] = "dit"
+    size: Literal["tiny", "S", "B", "L", "XL"] = "S"  # hidden width, depth, heads
+    in_channels: int = param(4, ge=1)
+    out_channels: int | None = param(None, ge=1)  # default: in_channels
+    cond_channels: int = param(0, ge=0)  # cascade stages: channels of the upsampled low-res latent
+    text_dim: int = param(0, ge=0)  # 0: no text conditioning
+    patch: tuple[int, int, int] = (1, 2, 2)  # (time, height, width)
+    mlp_ratio: float = param(4.0, gt=0)
+    spatial_positions: Literal["sincos", "rope"] = "sincos"
+    temporal_positions: Literal["rope", "t5_bias"] = "rope"
+    base_grid: int = param(16, ge=1)  # sin-cos positions are scaled so that this many patches span the frame
+    attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if min(self.patch) < 1:
+            raise ValueError(f"patch sizes must be >= 1, got {self.patch}")
+
+    @property
+    def width(self) -> int:
+        return SIZES[self.size][0]
+
+    @property
+    def depth(self) -> int:
+        return SIZES[self.size][1]
+
+    @property
+    def heads(self) -> int:
+        return SIZES[self.size][2]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, backend: str):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return self.out(rearrange(attention(q, k, v, bias=bias, backend=self.backend), "b h l d -> b l (h d)"))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, width: int, heads: int, backend: str):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        return self.out(rearrange(attention(q, k, v, key_mask=mask, backend=self.backend), "b h l d -> b l (h d)"))
+
+
+class FactorizedBlock(nn.Module):
+    """Spatial attention, temporal attention, cross-attention, MLP; adaLN-Zero on the first two
+    and the MLP (shift, scale, gate each), a plain LayerNorm before the cross-attention."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        w, h = cfg.width, cfg.heads
+        self.norm_s, self.norm_t, self.norm_m = (nn.LayerNorm(w, elementwise_affine=False, eps=1e-6) for _ in range(3))
+        self.spatial = SelfAttention(w, h, cfg.attention_backend)
+        self.temporal = SelfAttention(w, h, cfg.attention_backend)
+        nn.init.zeros_(self.temporal.out.weight)  # a new temporal layer starts as the identity
+        nn.init.zeros_(self.temporal.out.bias)
+        self.cross = CrossAttention(w, h, cfg.attention_backend) if cfg.text_dim else None
+        self.norm_c = nn.LayerNorm(w, eps=1e-6) if cfg.text_dim else None
+        self.mlp = Mlp(w, int(w * cfg.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 9 * w))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, c, positions, text=None, text_mask=None):
+        """x [B, T, N, W] tokens (T frames of N patches), c [B, W]."""
+        b, t, n, _ = x.shape
+        s_shift, s_scale, s_gate, t_shift, t_scale, t_gate, m_shift, m_scale, m_gate = (
+            p[:, None, None] for p in self.ada(c).chunk(9, dim=-1))
+        h = rearrange(modulate(self.norm_s(x), s_shift, s_scale), "b t n w -> (b t) n w")
+        x = x + s_gate * rearrange(self.spatial(h, rope=positions["spatial_rope"], bias=positions["spatial_bias"]),
+                                   "(b t) n w -> b t n w", b=b)
+        h = rearrange(modulate(self.norm_t(x), t_shift, t_scale), "b t n w -> (b n) t w")
+        h = self.temporal(h, rope=positions["temporal_rope"], bias=positions["temporal_bias"])
+        x = x + t_gate * rearrange(h, "(b n) t w -> b t n w", b=b)
+        if self.cross is not None:
+            h = self.cross(rearrange(self.norm_c(x), "b t n w -> b (t n) w"), text, text_mask)
+            x = x + rearrange(h, "b (t n) w -> b t n w", t=t)
+        return x + m_gate * self.mlp(modulate(self.norm_m(x), m_shift, m_scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.config = cfg
+        w = cfg.width
+        self.in_channels, self.cond_channels, self.text_dim = cfg.in_channels, cfg.cond_channels, cfg.text_dim
+        self.out_channels = cfg.out_channels or cfg.in_channels
+        self.patch_embed = nn.Conv3d(cfg.in_channels + cfg.cond_channels, w, cfg.patch, stride=cfg.patch)
+        self.noise_embed = Mlp(w, w, w, act_layer=nn.SiLU)
+        self.cond_noise_embed = Mlp(w, w, w, act_layer=nn.SiLU) if cfg.cond_channels else None
+        if cfg.text_dim:
+            self.text_proj = nn.Linear(cfg.text_dim, w)
+            self.text_pool = Mlp(w, w, w, act_layer=nn.SiLU)
+            self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)  # for classifier-free guidance
+        self.temporal_bias = RelativePositionBias(cfg.heads) if cfg.temporal_positions == "t5_bias" else None
+        self.blocks = nn.ModuleList(FactorizedBlock(cfg) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
+        self.proj_out = nn.Linear(w, self.out_channels * cfg.patch[0] * cfg.patch[1] * cfg.patch[2])
+        for layer in (self.ada_out[1], self.proj_out):  # adaLN-Zero: the untrained model outputs 0
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None):
+        cfg = self.config
+        b, _, t, h, w = z.shape
+        pt, ph, pw = cfg.patch
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent {t}x{h}x{w} is not divisible by the patch {pt}x{ph}x{pw}")
+        if (cond is None) != (cfg.cond_channels == 0):
+            raise ValueError(f"this model takes cond with {cfg.cond_channels} channels; got "
+                             f"{'none' if cond is None else tuple(cond.shape)}")
+        x = self.patch_embed(z if cond is None else torch.cat([z, cond.to(z.dtype)], dim=1))
+        gt, gh, gw = x.shape[2:]
+        x = rearrange(x, "b w t h v -> b t (h v) w")
+
+        c = self.noise_embed(fourier_features(logsnr, cfg.width).to(x.dtype))
+        if self.cond_noise_embed is not None:
+            if cond_logsnr is None:
+                raise ValueError("cond_logsnr (the augmentation level of cond) is required with cond")
+            c = c + self.cond_noise_embed(fourier_features(cond_logsnr, cfg.width).to(x.dtype))
+        context = mask = None
+        if cfg.text_dim:
+            if text is None:
+                text = self.null_text.expand(b, 1, -1)
+                text_mask = None
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=z.device) if text_mask is None else text_mask
+            context, mask = self.text_proj(text.to(x.dtype)), text_mask
+            pooled = (context * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            c = c + self.text_pool(pooled)
+
+        positions = self._positions(gt, gh, gw, x)
+        if cfg.spatial_positions == "sincos":
+            x = x + sincos_2d(gh, gw, cfg.width, scale=cfg.base_grid / max(gh, gw), device=x.device).to(x.dtype)
+        if is_image is not None and is_image.any():
+            positions = dict(positions, temporal_bias=self._image_mask(is_image, gh * gw, gt, positions["temporal_bias"], x))
+        for block in self.blocks:
+            if cfg.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, c, positions, context, mask, use_reentrant=False)
+            else:
+                x = block(x, c, positions, context, mask)
+        shift, scale = self.ada_out(c)[:, None, None].chunk(2, dim=-1)
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))
+        return rearrange(x, "b t (h v) (c pt ph pw) -> b c (t pt) (h ph) (v pw)",
+                         h=gh, v=gw, pt=pt, ph=ph, pw=pw)
+
+    def _positions(self, gt: int, gh: int, gw: int, x: torch.Tensor) -> dict:
+        """RoPE angles and biases for this grid: nothing is tied to one size."""
+        cfg, head_dim = self.config, self.config.width // self.config.heads
+        out = {"spatial_rope": None, "spatial_bias": None, "temporal_rope": None, "temporal_bias": None}
+        if cfg.spatial_positions == "rope":
+            ys, xs = torch.meshgrid(torch.arange(gh, device=x.device), torch.arange(gw, device=x.device),
+                                    indexing="ij")
+            half = head_dim // 2
+            out["spatial_rope"] = torch.cat([rope_frequencies(ys.flatten(), half),
+                                             rope_frequencies(xs.flatten(), half)], dim=-1)
+        frames = torch.arange(gt, device=x.device)
+        if cfg.temporal_positions == "rope":
+            out["temporal_rope"] = rope_frequencies(frames, head_dim)
+        else:
+            out["temporal_bias"] = self.temporal_bias(frames, frames).to(x.dtype)
+        return out
+
+    @staticmethod
+    def _image_mask(is_image, n, gt, base, x):
+        """The temporal bias plus -inf off the diagonal for image samples: their frames attend
+        only to themselves."""
+        eye = torch.eye(gt, dtype=torch.bool, device=x.device)
+        allowed = torch.where(is_image[:, None, None], eye, torch.ones_like(eye))  # [B, T, T]
+        block = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        block = block.repeat_interleave(n, dim=0)[:, None]  # [(B N), 1, T, T], the temporal batch order
+        return block if base is None else block + base

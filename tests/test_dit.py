@@ -1,0 +1,98 @@
+"""The factorized space-time DiT: interface, adaLN-Zero init, image masking, native sizes."""
+
+import pytest
+import torch
+
+from dit_video.models.dit import DiT, DiTConfig
+
+VARIANTS = [("sincos", "rope"), ("sincos", "t5_bias"), ("rope", "rope"), ("rope", "t5_bias")]
+
+
+def make(spatial="sincos", temporal="rope", randomize=True, **kwargs) -> DiT:
+    torch.manual_seed(0)
+    cfg = dict(size="tiny", in_channels=4, text_dim=8, cond_channels=0, attention_backend="math",
+               spatial_positions=spatial, temporal_positions=temporal)
+    model = DiT(DiTConfig(**{**cfg, **kwargs})).eval()
+    if randomize:  # leave adaLN-Zero's zeros behind, so that every path shows in the output
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("spatial, temporal", VARIANTS)
+def test_an_untrained_model_outputs_exactly_zero(spatial, temporal):
+    model = make(spatial, temporal, randomize=False, cond_channels=4)
+    z = torch.randn(2, 4, 3, 8, 12)
+    out = model(z, torch.randn(2), text=torch.randn(2, 5, 8), cond=torch.randn(2, 4, 3, 8, 12),
+                cond_logsnr=torch.randn(2), is_image=torch.tensor([True, False]))
+    assert out.shape == z.shape and torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("spatial, temporal", VARIANTS)
+def test_images_in_a_video_batch_are_independent_frames(spatial, temporal):
+    model = make(spatial, temporal)
+    z, logsnr = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.3])
+    text = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        joint = model(z, logsnr, text=text, is_image=torch.tensor([True]))
+        for i in range(4):
+            single = model(z[:, :, i:i + 1], logsnr, text=text)
+            torch.testing.assert_close(joint[:, :, i:i + 1], single, rtol=1e-5, atol=1e-5)
+        video = model(z, logsnr, text=text)
+    assert not torch.allclose(video, joint, atol=1e-4)  # without is_image the frames do mix
+
+
+def test_one_model_runs_at_any_size_aspect_and_length():
+    model = make()
+    with torch.no_grad():
+        for shape in [(1, 4, 1, 8, 8), (1, 4, 5, 8, 16), (1, 4, 9, 12, 6), (1, 4, 2, 32, 32)]:
+            out = model(torch.randn(shape), torch.zeros(1))
+            assert out.shape == shape and torch.isfinite(out).all()
+
+
+def test_text_mask_hides_padding_tokens():
+    model = make()
+    z, logsnr = torch.randn(1, 4, 2, 8, 8), torch.zeros(1)
+    text = torch.randn(1, 4, 8)
+    mask = torch.tensor([[True, True, False, False]])
+    changed = text.clone()
+    changed[:, 2:] = torch.randn(1, 2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(z, logsnr, text=text, text_mask=mask),
+                                   model(z, logsnr, text=changed, text_mask=mask))
+        assert not torch.allclose(model(z, logsnr, text=text), model(z, logsnr, text=changed))
+        assert model(z, logsnr).shape == z.shape  # no text: the learned null embedding
+
+
+def test_cascade_conditioning_enters_the_output():
+    model = make(cond_channels=4)
+    z, logsnr = torch.randn(1, 4, 2, 8, 8), torch.zeros(1)
+    cond = torch.randn(1, 4, 2, 8, 8)
+    with torch.no_grad():
+        a = model(z, logsnr, cond=cond, cond_logsnr=torch.tensor([1.0]))
+        b = model(z, logsnr, cond=cond, cond_logsnr=torch.tensor([5.0]))
+        c = model(z, logsnr, cond=cond + 1, cond_logsnr=torch.tensor([1.0]))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="takes cond with 4 channels"):
+        model(z, logsnr)
+    with pytest.raises(ValueError, match="cond_logsnr"):
+        model(z, logsnr, cond=cond)
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    results = []
+    for checkpointing in (False, True):
+        model = make(gradient_checkpointing=checkpointing).train()
+        z = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        out = model(z, torch.tensor([0.1, -2.0]), text=torch.ones(2, 2, 8))
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_latent_sizes_must_fit_the_patch():
+    with pytest.raises(ValueError, match="not divisible by the patch 1x2x2"):
+        make()(torch.randn(1, 4, 2, 7, 8), torch.zeros(1))
