@@ -5,12 +5,13 @@ import torch
 
 from dit_video.models.dit import DiT, DiTConfig
 
-VARIANTS = [("sincos", "rope"), ("sincos", "t5_bias"), ("rope", "rope"), ("rope", "t5_bias")]
+VARIANTS = [(name, spatial, temporal) for name in ("dit", "dit3d") for spatial in ("sincos", "rope")
+            for temporal in ("rope", "t5_bias")]
 
 
-def make(spatial="sincos", temporal="rope", randomize=True, **kwargs) -> DiT:
+def make(name="dit", spatial="sincos", temporal="rope", randomize=True, **kwargs) -> DiT:
     torch.manual_seed(0)
-    cfg = dict(size="tiny", in_channels=4, text_dim=8, cond_channels=0, attention_backend="math",
+    cfg = dict(name=name, size="tiny", in_channels=4, text_dim=8, cond_channels=0, attention_backend="math",
                spatial_positions=spatial, temporal_positions=temporal)
     model = DiT(DiTConfig(**{**cfg, **kwargs})).eval()
     if randomize:  # leave adaLN-Zero's zeros behind, so that every path shows in the output
@@ -20,18 +21,18 @@ def make(spatial="sincos", temporal="rope", randomize=True, **kwargs) -> DiT:
     return model
 
 
-@pytest.mark.parametrize("spatial, temporal", VARIANTS)
-def test_an_untrained_model_outputs_exactly_zero(spatial, temporal):
-    model = make(spatial, temporal, randomize=False, cond_channels=4)
+@pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
+def test_an_untrained_model_outputs_exactly_zero(name, spatial, temporal):
+    model = make(name, spatial, temporal, randomize=False, cond_channels=4)
     z = torch.randn(2, 4, 3, 8, 12)
     out = model(z, torch.randn(2), text=torch.randn(2, 5, 8), cond=torch.randn(2, 4, 3, 8, 12),
                 cond_logsnr=torch.randn(2), is_image=torch.tensor([True, False]))
     assert out.shape == z.shape and torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("spatial, temporal", VARIANTS)
-def test_images_in_a_video_batch_are_independent_frames(spatial, temporal):
-    model = make(spatial, temporal)
+@pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
+def test_images_in_a_video_batch_are_independent_frames(name, spatial, temporal):
+    model = make(name, spatial, temporal)
     z, logsnr = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.3])
     text = torch.randn(1, 3, 8)
     with torch.no_grad():
@@ -43,8 +44,9 @@ def test_images_in_a_video_batch_are_independent_frames(spatial, temporal):
     assert not torch.allclose(video, joint, atol=1e-4)  # without is_image the frames do mix
 
 
-def test_one_model_runs_at_any_size_aspect_and_length():
-    model = make()
+@pytest.mark.parametrize("name", ["dit", "dit3d"])
+def test_one_model_runs_at_any_size_aspect_and_length(name):
+    model = make(name)
     with torch.no_grad():
         for shape in [(1, 4, 1, 8, 8), (1, 4, 5, 8, 16), (1, 4, 9, 12, 6), (1, 4, 2, 32, 32)]:
             out = model(torch.randn(shape), torch.zeros(1))
@@ -80,10 +82,11 @@ def test_cascade_conditioning_enters_the_output():
         model(z, logsnr, cond=cond)
 
 
-def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+@pytest.mark.parametrize("name", ["dit", "dit3d"])
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(name):
     results = []
     for checkpointing in (False, True):
-        model = make(gradient_checkpointing=checkpointing).train()
+        model = make(name, gradient_checkpointing=checkpointing).train()
         z = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
         out = model(z, torch.tensor([0.1, -2.0]), text=torch.ones(2, 2, 8))
         out.square().mean().backward()
@@ -96,3 +99,26 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
 def test_latent_sizes_must_fit_the_patch():
     with pytest.raises(ValueError, match="not divisible by the patch 1x2x2"):
         make()(torch.randn(1, 4, 2, 7, 8), torch.zeros(1))
+
+
+@pytest.mark.parametrize("path", ["configs/dit/dit_tiny.yaml", "configs/dit/dit3d_tiny.yaml"])
+def test_build_backbone_from_the_tiny_configs(path):
+    from pathlib import Path
+
+    from dit_video.models import build_backbone
+
+    root = Path(__file__).resolve().parents[1]
+    model = build_backbone(root / path)
+    assert (model.in_channels, model.out_channels, model.cond_channels, model.text_dim) == (4, 4, 0, 32)
+    assert model.config.name == path.split("/")[-1].split("_")[0]
+    assert build_backbone({"name": "dit", "size": "tiny"}).config.width == 64
+
+
+def test_build_backbone_refuses_unknown_names_and_keys():
+    from dit_video.config import ConfigError
+    from dit_video.models import build_backbone
+
+    with pytest.raises(ConfigError, match="name: expected one of 'dit', 'dit3d', got 'unet'"):
+        build_backbone({"name": "unet"})
+    with pytest.raises(ConfigError, match="hidden: unknown key"):
+        build_backbone({"name": "dit", "hidden": 3})

@@ -32,7 +32,7 @@ SIZES = {"tiny": (64, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 
 
 @dataclass
 class DiTConfig:
-    name: Literal["dit"] = "dit"
+    name: Literal["dit", "dit3d"] = "dit"  # dit: factorized space-time attention; dit3d: joint
     size: Literal["tiny", "S", "B", "L", "XL"] = "S"  # hidden width, depth, heads
     in_channels: int = param(4, ge=1)
     out_channels: int | None = param(None, ge=1)  # default: in_channels
@@ -131,6 +131,34 @@ class FactorizedBlock(nn.Module):
         return x + m_gate * self.mlp(modulate(self.norm_m(x), m_shift, m_scale))
 
 
+class JointBlock(nn.Module):
+    """The dit3d block: one self-attention over all frames' patches together, then
+    cross-attention and MLP; adaLN-Zero on the attention and the MLP."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        w, h = cfg.width, cfg.heads
+        self.norm_a, self.norm_m = (nn.LayerNorm(w, elementwise_affine=False, eps=1e-6) for _ in range(2))
+        self.attn = SelfAttention(w, h, cfg.attention_backend)
+        self.cross = CrossAttention(w, h, cfg.attention_backend) if cfg.text_dim else None
+        self.norm_c = nn.LayerNorm(w, eps=1e-6) if cfg.text_dim else None
+        self.mlp = Mlp(w, int(w * cfg.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, c, positions, text=None, text_mask=None):
+        b, t, n, _ = x.shape
+        a_shift, a_scale, a_gate, m_shift, m_scale, m_gate = (p[:, None, None] for p in self.ada(c).chunk(6, dim=-1))
+        h = rearrange(modulate(self.norm_a(x), a_shift, a_scale), "b t n w -> b (t n) w")
+        h = self.attn(h, rope=positions["joint_rope"], bias=positions["joint_bias"])
+        x = x + a_gate * rearrange(h, "b (t n) w -> b t n w", t=t)
+        if self.cross is not None:
+            h = self.cross(rearrange(self.norm_c(x), "b t n w -> b (t n) w"), text, text_mask)
+            x = x + rearrange(h, "b (t n) w -> b t n w", t=t)
+        return x + m_gate * self.mlp(modulate(self.norm_m(x), m_shift, m_scale))
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -146,7 +174,8 @@ class DiT(nn.Module):
             self.text_pool = Mlp(w, w, w, act_layer=nn.SiLU)
             self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)  # for classifier-free guidance
         self.temporal_bias = RelativePositionBias(cfg.heads) if cfg.temporal_positions == "t5_bias" else None
-        self.blocks = nn.ModuleList(FactorizedBlock(cfg) for _ in range(cfg.depth))
+        block = FactorizedBlock if cfg.name == "dit" else JointBlock
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
         self.proj_out = nn.Linear(w, self.out_channels * cfg.patch[0] * cfg.patch[1] * cfg.patch[2])
@@ -186,7 +215,10 @@ class DiT(nn.Module):
         if cfg.spatial_positions == "sincos":
             x = x + sincos_2d(gh, gw, cfg.width, scale=cfg.base_grid / max(gh, gw), device=x.device).to(x.dtype)
         if is_image is not None and is_image.any():
-            positions = dict(positions, temporal_bias=self._image_mask(is_image, gh * gw, gt, positions["temporal_bias"], x))
+            if cfg.name == "dit":
+                positions["temporal_bias"] = self._image_mask(is_image, gh * gw, gt, positions["temporal_bias"], x)
+            else:
+                positions["joint_bias"] = self._joint_image_mask(is_image, gh * gw, gt, positions["joint_bias"], x)
         for block in self.blocks:
             if cfg.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, c, positions, context, mask, use_reentrant=False)
@@ -198,20 +230,32 @@ class DiT(nn.Module):
                          h=gh, v=gw, pt=pt, ph=ph, pw=pw)
 
     def _positions(self, gt: int, gh: int, gw: int, x: torch.Tensor) -> dict:
-        """RoPE angles and biases for this grid: nothing is tied to one size."""
+        """RoPE angles and biases for this grid (nothing is tied to one size). Factorized blocks
+        use the spatial_* and temporal_* entries, joint blocks the joint_* ones, where each
+        token's angles are those of its frame and, with spatial RoPE, of its row and column
+        (the head's channels split between them)."""
         cfg, head_dim = self.config, self.config.width // self.config.heads
-        out = {"spatial_rope": None, "spatial_bias": None, "temporal_rope": None, "temporal_bias": None}
-        if cfg.spatial_positions == "rope":
-            ys, xs = torch.meshgrid(torch.arange(gh, device=x.device), torch.arange(gw, device=x.device),
-                                    indexing="ij")
-            half = head_dim // 2
-            out["spatial_rope"] = torch.cat([rope_frequencies(ys.flatten(), half),
-                                             rope_frequencies(xs.flatten(), half)], dim=-1)
+        out = dict.fromkeys(["spatial_rope", "spatial_bias", "temporal_rope", "temporal_bias",
+                             "joint_rope", "joint_bias"])
+        ys, xs = (g.flatten() for g in torch.meshgrid(torch.arange(gh, device=x.device),
+                                                      torch.arange(gw, device=x.device), indexing="ij"))
         frames = torch.arange(gt, device=x.device)
+        spatial_dim = head_dim if cfg.temporal_positions == "t5_bias" or cfg.name == "dit" else head_dim // 2
+        if cfg.spatial_positions == "rope":
+            out["spatial_rope"] = torch.cat([rope_frequencies(ys, spatial_dim // 2),
+                                             rope_frequencies(xs, spatial_dim // 2)], dim=-1)
         if cfg.temporal_positions == "rope":
-            out["temporal_rope"] = rope_frequencies(frames, head_dim)
+            time_dim = head_dim if cfg.name == "dit" or cfg.spatial_positions == "sincos" else head_dim // 2
+            out["temporal_rope"] = rope_frequencies(frames, time_dim)
         else:
             out["temporal_bias"] = self.temporal_bias(frames, frames).to(x.dtype)
+        if cfg.name == "dit3d":
+            per_token = [a.repeat(gt, 1) for a in [out["spatial_rope"]] if a is not None]
+            if out["temporal_rope"] is not None:
+                per_token.insert(0, out["temporal_rope"].repeat_interleave(gh * gw, dim=0))
+            out["joint_rope"] = torch.cat(per_token, dim=-1) if per_token else None
+            if out["temporal_bias"] is not None:
+                out["joint_bias"] = out["temporal_bias"].repeat_interleave(gh * gw, 2).repeat_interleave(gh * gw, 3)
         return out
 
     @staticmethod
@@ -223,3 +267,12 @@ class DiT(nn.Module):
         block = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         block = block.repeat_interleave(n, dim=0)[:, None]  # [(B N), 1, T, T], the temporal batch order
         return block if base is None else block + base
+
+    @staticmethod
+    def _joint_image_mask(is_image, n, gt, base, x):
+        """For joint attention: image samples' tokens attend only within their own frame."""
+        frame = torch.arange(gt, device=x.device).repeat_interleave(n)
+        same = frame[:, None] == frame[None, :]
+        allowed = torch.where(is_image[:, None, None], same, torch.ones_like(same))  # [B, TN, TN]
+        block = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        return block[:, None] if base is None else block[:, None] + base
