@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_video.frames import FrameNorm, per_frame
+
 
 class Stream:
     """State of a chunked pass: whether this chunk starts the video, and each causal layer's
@@ -24,13 +26,6 @@ class Stream:
 
 def starts_video(stream: Stream | None) -> bool:
     return stream is None or stream.first
-
-
-def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 2D module to every frame of [B, C, T, H, W]."""
-    b, _, t = x.shape[:3]
-    y = fn(x.transpose(1, 2).flatten(0, 1))
-    return y.unflatten(0, (b, t)).transpose(1, 2)
 
 
 class CausalConv3d(nn.Module):
@@ -52,14 +47,6 @@ class CausalConv3d(nn.Module):
             if stream is not None:
                 stream.tails[id(self)] = x[:, :, -self.time_pad:].detach().clone()  # not a view: free the chunk
         return self.conv(x)
-
-
-class FrameNorm(nn.GroupNorm):
-    """GroupNorm over each frame on its own: no statistics cross frames (that would break both
-    causality and chunking)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_frame(super().forward, x)
 
 
 class ResBlock(nn.Module):

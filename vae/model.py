@@ -19,9 +19,10 @@ from torch import nn
 
 from dit_video.config import ConfigError, from_dict, read_yaml, save_config, to_dict
 from dit_video.files import atomic_path
+from dit_video.frames import FrameNorm
 
 from .config import VAEConfig
-from .layers import CausalConv3d, Downsample, FrameAttention, FrameNorm, ResBlock, Stream, Upsample
+from .layers import CausalConv3d, Downsample, FrameAttention, ResBlock, Stream, Upsample
 
 
 class _Middle(nn.Module):
