@@ -118,7 +118,7 @@ def test_build_backbone_refuses_unknown_names_and_keys():
     from dit_video.config import ConfigError
     from dit_video.models import build_backbone
 
-    with pytest.raises(ConfigError, match="name: expected one of 'dit', 'dit3d', got 'unet'"):
+    with pytest.raises(ConfigError, match="name: expected one of 'dit', 'dit3d', 'unet3d', got 'unet'"):
         build_backbone({"name": "unet"})
     with pytest.raises(ConfigError, match="hidden: unknown key"):
         build_backbone({"name": "dit", "hidden": 3})

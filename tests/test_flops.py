@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dit_video.models import DiT, DiTConfig
+from dit_video.models import DiT, DiTConfig, UNet3D, UNet3DConfig
 from dit_video.models.flops import count_flops, count_parameters
 
 
@@ -30,3 +30,16 @@ def test_joint_attention_costs_more_as_frames_grow():
     ratio = [count_flops(joint, (1, 4, t, 32, 32)) / count_flops(fact, (1, 4, t, 32, 32)) for t in (4, 16, 64)]
     assert ratio[0] < ratio[1] < ratio[2]
     assert count_parameters(fact) > count_parameters(joint)  # the extra temporal attention layers
+
+
+@pytest.mark.parametrize("temporal_conv", [False, True])
+def test_unet_flops_match_the_measured_count(temporal_conv):
+    model = UNet3D(UNet3DConfig(in_channels=4, text_dim=8, cond_channels=4, channels=16, channel_mult=[1, 2, 2],
+                                blocks_per_level=2, attention_levels=[1, 2], head_dim=16, norm_groups=8,
+                                attention_backend="math", temporal_conv=temporal_conv))
+    shape = (2, 4, 3, 16, 12)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(shape), torch.zeros(2), text=torch.randn(2, 5, 8), cond=torch.randn(shape),
+              cond_logsnr=torch.zeros(2))
+    assert count_flops(model, shape, text_len=5) == pytest.approx(counter.get_total_flops(), rel=0.05)

@@ -3,5 +3,7 @@
 from .attention import BACKENDS, attention, resolve_backend
 from .dit import DiT, DiTConfig
 from .registry import BACKBONES, build_backbone
+from .unet3d import UNet3D, UNet3DConfig
 
-__all__ = ["attention", "resolve_backend", "BACKENDS", "DiT", "DiTConfig", "build_backbone", "BACKBONES"]
+__all__ = ["attention", "resolve_backend", "BACKENDS", "DiT", "DiTConfig", "UNet3D", "UNet3DConfig",
+           "build_backbone", "BACKBONES"]

@@ -4,9 +4,12 @@ factorized against joint attention at equal shapes."""
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .dit import DiT
+from .unet3d import AttentionBlock, Level, ResBlock, UNet3D
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -18,6 +21,8 @@ def count_flops(model: nn.Module, shape: tuple[int, int, int, int, int], text_le
     text tokens when the model takes text)."""
     if isinstance(model, DiT):
         return _dit_flops(model, shape, text_len)
+    if isinstance(model, UNet3D):
+        return _unet_flops(model, shape, text_len)
     raise TypeError(f"no FLOP formula for {type(model).__name__}")
 
 
@@ -59,4 +64,64 @@ def _dit_flops(model: DiT, shape, text_len: int) -> float:
         per_block += attention_core(b, tokens, text_len)
     flops += cfg.depth * per_block
     flops += linear(b, width, 2 * width) + linear(b * tokens, width, model.out_channels * pt * ph * pw)
+    return flops
+
+
+def _unet_flops(model: UNet3D, shape, text_len: int) -> float:
+    """Walks the U-Net level by level with the resolution each level runs at; channel counts
+    are read off the layers themselves, so the count follows the architecture."""
+    cfg = model.config
+    b, _, t, h, w = shape
+    text_len = max(text_len, 1) if cfg.text_dim else 0
+
+    def conv(layer, pixels: int) -> float:  # pixels: output positions per sample
+        c_out, c_in, *kernel = layer.weight.shape
+        return 2.0 * b * pixels * c_in * c_out * math.prod(kernel)
+
+    def linear(layer, rows: int) -> float:
+        return 2.0 * rows * layer.in_features * layer.out_features
+
+    def res_block(block: ResBlock, pixels: int) -> float:
+        flops = conv(block.conv1, pixels) + conv(block.conv2, pixels) + linear(block.emb, b)
+        if block.temporal is not None:
+            flops += conv(block.temporal, pixels)
+        if not isinstance(block.skip, nn.Identity):
+            flops += conv(block.skip, pixels)
+        return flops
+
+    def attention_block(block: AttentionBlock, hw: int) -> float:
+        c = block.qkv_s.in_features
+        d = c // block.heads
+        tokens = b * t * hw
+        flops = 2 * (linear(block.qkv_s, tokens) + linear(block.out_s, tokens))
+        flops += 2 * 2.0 * b * t * block.heads * hw * hw * d + 2 * 2.0 * b * hw * block.heads * t * t * d
+        if block.text:
+            flops += linear(block.q_c, tokens) + linear(block.out_c, tokens) + linear(block.kv_c, b * text_len)
+            flops += 2 * 2.0 * b * block.heads * t * hw * text_len * d
+        return flops
+
+    def level(lv: Level, hw: int) -> float:
+        flops = sum(res_block(r, t * hw) for r in lv.res)
+        return flops + sum(attention_block(a, hw) for a in lv.attn if isinstance(a, AttentionBlock))
+
+    flops = linear(model.noise_embed.fc1, b) + linear(model.noise_embed.fc2, b)
+    if model.cond_noise_embed is not None:
+        flops += linear(model.cond_noise_embed.fc1, b) + linear(model.cond_noise_embed.fc2, b)
+    if cfg.text_dim:
+        flops += linear(model.text_proj, b * text_len) + linear(model.text_pool.fc1, b) + linear(model.text_pool.fc2, b)
+        levels = set(cfg.attention_levels) | {len(cfg.channel_mult) - 1}
+        flops += sum(linear(model.text_to_level[i], b * text_len) for i in levels)
+    flops += conv(model.conv_in, t * h * w) + conv(model.conv_out, t * h * w)
+    hh, ww = h, w
+    for i, lv in enumerate(model.down):
+        flops += level(lv, hh * ww)
+        if i < len(model.downsample):
+            hh, ww = hh // 2, ww // 2
+            flops += conv(model.downsample[i], t * hh * ww)
+    flops += level(model.mid, hh * ww)
+    for k, lv in enumerate(model.up):
+        flops += level(lv, hh * ww)
+        if k < len(model.upsample):
+            hh, ww = hh * 2, ww * 2
+            flops += conv(model.upsample[k], t * hh * ww)
     return flops

@@ -10,9 +10,11 @@ from torch import nn
 
 from ..config import ConfigError, from_dict, read_yaml
 from .dit import DiT, DiTConfig
+from .unet3d import UNet3D, UNet3DConfig
 
 # name -> (config class, model class)
-BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {"dit": (DiTConfig, DiT), "dit3d": (DiTConfig, DiT)}
+BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {"dit": (DiTConfig, DiT), "dit3d": (DiTConfig, DiT),
+                                                      "unet3d": (UNet3DConfig, UNet3D)}
 
 
 def build_backbone(cfg: dict | str | os.PathLike | object) -> nn.Module:
