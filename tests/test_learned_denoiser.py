@@ -5,7 +5,6 @@ trained network must approach, and its samples must reproduce the mixture."""
 
 import math
 
-import pytest
 import torch
 from torch import nn
 

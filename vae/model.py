@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dit_video.config import ConfigError, from_dict, read_yaml, save_config, to_dict
+from dit_video.config import ConfigError, from_dict, read_yaml, save_config
 from dit_video.files import atomic_path
 from dit_video.frames import FrameNorm
 
