@@ -122,3 +122,22 @@ def test_build_backbone_refuses_unknown_names_and_keys():
         build_backbone({"name": "unet"})
     with pytest.raises(ConfigError, match="hidden: unknown key"):
         build_backbone({"name": "dit", "hidden": 3})
+
+
+@pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
+def test_only_frame_differences_matter(name, spatial, temporal):
+    # Run the blocks with every frame position moved by 1000: with relative temporal positions
+    # (RoPE or the T5 bias) and no absolute time embedding, nothing may change.
+    model = make(name, spatial, temporal)
+    x = torch.randn(2, 5, 16, 64)  # [B, T, N, W] tokens
+    c, text = torch.randn(2, 64), torch.randn(2, 3, 64)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    outputs = []
+    with torch.no_grad():
+        for first in (0, 1000):
+            positions = model._positions(5, 4, 4, x, first_frame=first)
+            h = x
+            for block in model.blocks:
+                h = block(h, c, positions, text, mask)
+            outputs.append(h)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)

@@ -229,7 +229,7 @@ class DiT(nn.Module):
         return rearrange(x, "b t (h v) (c pt ph pw) -> b c (t pt) (h ph) (v pw)",
                          h=gh, v=gw, pt=pt, ph=ph, pw=pw)
 
-    def _positions(self, gt: int, gh: int, gw: int, x: torch.Tensor) -> dict:
+    def _positions(self, gt: int, gh: int, gw: int, x: torch.Tensor, first_frame: int = 0) -> dict:
         """RoPE angles and biases for this grid (nothing is tied to one size). Factorized blocks
         use the spatial_* and temporal_* entries, joint blocks the joint_* ones, where each
         token's angles are those of its frame and, with spatial RoPE, of its row and column
@@ -239,7 +239,7 @@ class DiT(nn.Module):
                              "joint_rope", "joint_bias"])
         ys, xs = (g.flatten() for g in torch.meshgrid(torch.arange(gh, device=x.device),
                                                       torch.arange(gw, device=x.device), indexing="ij"))
-        frames = torch.arange(gt, device=x.device)
+        frames = torch.arange(first_frame, first_frame + gt, device=x.device)
         spatial_dim = head_dim if cfg.temporal_positions == "t5_bias" or cfg.name == "dit" else head_dim // 2
         if cfg.spatial_positions == "rope":
             out["spatial_rope"] = torch.cat([rope_frequencies(ys, spatial_dim // 2),
