@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine, peak_rss_bytes, rss_bytes, run_worker  # noqa: E402
 from dit_video.files import write_text_atomic  # noqa: E402
 from vae import VideoVAE  # noqa: E402
 
@@ -52,14 +49,14 @@ def measure(config: str, device: str, dtype: str, size: int, frames: int, chunk:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+        base = torch.cuda.memory_allocated() if cuda else rss_bytes()
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / repeats
-        peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
+        peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     return seconds, peak - base
 
 
@@ -73,29 +70,10 @@ def case(args, frames: int, chunk: int | None) -> dict:
             cmd = [sys.executable, __file__, "--worker", op, "--config", args.config, "--device", args.device,
                    "--dtype", args.dtype, "--size", str(args.size), "--frames", str(frames),
                    "--chunk", str(chunk or 0), "--repeats", str(args.repeats)]
-            seconds, _ = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            # Memory in a second worker whose glibc returns large freed blocks at once (a fixed mmap
-            # threshold), so that its resident set follows the live tensors rather than the
-            # allocator's high-water mark; that setting slows it down, hence not timed.
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-            _, peak = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+            seconds, _ = run_worker(cmd, for_memory=False)
+            _, peak = run_worker(cmd, for_memory=True)
         row.update({f"{op}_s": seconds, f"{op}_frames_per_s": frames / seconds, f"{op}_peak_mib": peak / 2**20})
     return row
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def main() -> None:

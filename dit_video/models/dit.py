@@ -33,7 +33,10 @@ SIZES = {"tiny": (64, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 
 @dataclass
 class DiTConfig:
     name: Literal["dit", "dit3d"] = "dit"  # dit: factorized space-time attention; dit3d: joint
-    size: Literal["tiny", "S", "B", "L", "XL"] = "S"  # hidden width, depth, heads
+    size: Literal["tiny", "S", "B", "L", "XL"] = "S"  # named (width, depth, heads); the three below override
+    width: int | None = param(None, ge=8)
+    depth: int | None = param(None, ge=1)
+    heads: int | None = param(None, ge=1)
     in_channels: int = param(4, ge=1)
     out_channels: int | None = param(None, ge=1)  # default: in_channels
     cond_channels: int = param(0, ge=0)  # cascade stages: channels of the upsampled low-res latent
@@ -47,20 +50,14 @@ class DiTConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        named = dict(zip(("width", "depth", "heads"), SIZES[self.size]))
+        for key, value in named.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if min(self.patch) < 1:
             raise ValueError(f"patch sizes must be >= 1, got {self.patch}")
-
-    @property
-    def width(self) -> int:
-        return SIZES[self.size][0]
-
-    @property
-    def depth(self) -> int:
-        return SIZES[self.size][1]
-
-    @property
-    def heads(self) -> int:
-        return SIZES[self.size][2]
+        if self.width % self.heads or (self.width // self.heads) % 4:
+            raise ValueError(f"width {self.width} must split into {self.heads} heads of a multiple of 4 channels")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
