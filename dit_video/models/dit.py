@@ -92,24 +92,40 @@ class CrossAttention(nn.Module):
         return self.out(rearrange(attention(q, k, v, key_mask=mask, backend=self.backend), "b h l d -> b l (h d)"))
 
 
-class FactorizedBlock(nn.Module):
+class Block(nn.Module):
+    """What both block kinds end with: cross-attention to text behind a plain LayerNorm, then an
+    MLP with adaLN-Zero; and their adaLN projection, zero-initialized, of `chunks` x width."""
+
+    def __init__(self, cfg: DiTConfig, chunks: int):
+        super().__init__()
+        w = cfg.width
+        self.cross = CrossAttention(w, cfg.heads, cfg.attention_backend) if cfg.text_dim else None
+        self.norm_c = nn.LayerNorm(w, eps=1e-6) if cfg.text_dim else None
+        self.norm_m = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(w, int(w * cfg.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, chunks * w))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def text_and_mlp(self, x, text, text_mask, m_shift, m_scale, m_gate):
+        if self.cross is not None:
+            h = self.cross(rearrange(self.norm_c(x), "b t n w -> b (t n) w"), text, text_mask)
+            x = x + rearrange(h, "b (t n) w -> b t n w", t=x.shape[1])
+        return x + m_gate * self.mlp(modulate(self.norm_m(x), m_shift, m_scale))
+
+
+class FactorizedBlock(Block):
     """Spatial attention, temporal attention, cross-attention, MLP; adaLN-Zero on the first two
-    and the MLP (shift, scale, gate each), a plain LayerNorm before the cross-attention."""
+    and the MLP (shift, scale, gate each)."""
 
     def __init__(self, cfg: DiTConfig):
-        super().__init__()
+        super().__init__(cfg, chunks=9)
         w, h = cfg.width, cfg.heads
-        self.norm_s, self.norm_t, self.norm_m = (nn.LayerNorm(w, elementwise_affine=False, eps=1e-6) for _ in range(3))
+        self.norm_s, self.norm_t = (nn.LayerNorm(w, elementwise_affine=False, eps=1e-6) for _ in range(2))
         self.spatial = SelfAttention(w, h, cfg.attention_backend)
         self.temporal = SelfAttention(w, h, cfg.attention_backend)
         nn.init.zeros_(self.temporal.out.weight)  # a new temporal layer starts as the identity
         nn.init.zeros_(self.temporal.out.bias)
-        self.cross = CrossAttention(w, h, cfg.attention_backend) if cfg.text_dim else None
-        self.norm_c = nn.LayerNorm(w, eps=1e-6) if cfg.text_dim else None
-        self.mlp = Mlp(w, int(w * cfg.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 9 * w))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
 
     def forward(self, x, c, positions, text=None, text_mask=None):
         """x [B, T, N, W] tokens (T frames of N patches), c [B, W]."""
@@ -122,38 +138,25 @@ class FactorizedBlock(nn.Module):
         h = rearrange(modulate(self.norm_t(x), t_shift, t_scale), "b t n w -> (b n) t w")
         h = self.temporal(h, rope=positions["temporal_rope"], bias=positions["temporal_bias"])
         x = x + t_gate * rearrange(h, "(b n) t w -> b t n w", b=b)
-        if self.cross is not None:
-            h = self.cross(rearrange(self.norm_c(x), "b t n w -> b (t n) w"), text, text_mask)
-            x = x + rearrange(h, "b (t n) w -> b t n w", t=t)
-        return x + m_gate * self.mlp(modulate(self.norm_m(x), m_shift, m_scale))
+        return self.text_and_mlp(x, text, text_mask, m_shift, m_scale, m_gate)
 
 
-class JointBlock(nn.Module):
+class JointBlock(Block):
     """The dit3d block: one self-attention over all frames' patches together, then
     cross-attention and MLP; adaLN-Zero on the attention and the MLP."""
 
     def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        w, h = cfg.width, cfg.heads
-        self.norm_a, self.norm_m = (nn.LayerNorm(w, elementwise_affine=False, eps=1e-6) for _ in range(2))
-        self.attn = SelfAttention(w, h, cfg.attention_backend)
-        self.cross = CrossAttention(w, h, cfg.attention_backend) if cfg.text_dim else None
-        self.norm_c = nn.LayerNorm(w, eps=1e-6) if cfg.text_dim else None
-        self.mlp = Mlp(w, int(w * cfg.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
+        super().__init__(cfg, chunks=6)
+        self.norm_a = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(cfg.width, cfg.heads, cfg.attention_backend)
 
     def forward(self, x, c, positions, text=None, text_mask=None):
-        b, t, n, _ = x.shape
+        t = x.shape[1]
         a_shift, a_scale, a_gate, m_shift, m_scale, m_gate = (p[:, None, None] for p in self.ada(c).chunk(6, dim=-1))
         h = rearrange(modulate(self.norm_a(x), a_shift, a_scale), "b t n w -> b (t n) w")
         h = self.attn(h, rope=positions["joint_rope"], bias=positions["joint_bias"])
         x = x + a_gate * rearrange(h, "b (t n) w -> b t n w", t=t)
-        if self.cross is not None:
-            h = self.cross(rearrange(self.norm_c(x), "b t n w -> b (t n) w"), text, text_mask)
-            x = x + rearrange(h, "b (t n) w -> b t n w", t=t)
-        return x + m_gate * self.mlp(modulate(self.norm_m(x), m_shift, m_scale))
+        return self.text_and_mlp(x, text, text_mask, m_shift, m_scale, m_gate)
 
 
 class DiT(nn.Module):
