@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from backbone_checks import assert_checkpointing_is_exact
+
 from dit_video.models.dit import DiT, DiTConfig
 
 VARIANTS = [(name, spatial, temporal) for name in ("dit", "dit3d") for spatial in ("sincos", "rope")
@@ -84,16 +86,7 @@ def test_cascade_conditioning_enters_the_output():
 
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(name):
-    results = []
-    for checkpointing in (False, True):
-        model = make(name, gradient_checkpointing=checkpointing).train()
-        z = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-        out = model(z, torch.tensor([0.1, -2.0]), text=torch.ones(2, 2, 8))
-        out.square().mean().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for g0, g1 in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(g0, g1)
+    assert_checkpointing_is_exact(lambda **kwargs: make(name, **kwargs))
 
 
 def test_latent_sizes_must_fit_the_patch():

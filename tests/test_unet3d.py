@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from backbone_checks import assert_checkpointing_is_exact
+
 from dit_video.models import UNet3D, UNet3DConfig, build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,16 +48,7 @@ def test_images_in_a_video_batch_are_independent_frames(temporal_conv):
 
 
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
-    results = []
-    for checkpointing in (False, True):
-        model = make(gradient_checkpointing=checkpointing, temporal_conv=True).train()
-        z = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-        out = model(z, torch.tensor([0.1, -2.0]), text=torch.ones(2, 2, 8))
-        out.square().mean().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for g0, g1 in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(g0, g1)
+    assert_checkpointing_is_exact(lambda **kwargs: make(temporal_conv=True, **kwargs))
 
 
 def test_registry_and_errors():

@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import param
 from .attention import attention
-from .embeddings import RelativePositionBias, apply_rope, fourier_features, rope_frequencies, sincos_2d
+from .conditioning import Conditioning
+from .embeddings import RelativePositionBias, apply_rope, rope_frequencies, sincos_2d
 
 SIZES = {"tiny": (64, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
@@ -167,12 +168,7 @@ class DiT(nn.Module):
         self.in_channels, self.cond_channels, self.text_dim = cfg.in_channels, cfg.cond_channels, cfg.text_dim
         self.out_channels = cfg.out_channels or cfg.in_channels
         self.patch_embed = nn.Conv3d(cfg.in_channels + cfg.cond_channels, w, cfg.patch, stride=cfg.patch)
-        self.noise_embed = Mlp(w, w, w, act_layer=nn.SiLU)
-        self.cond_noise_embed = Mlp(w, w, w, act_layer=nn.SiLU) if cfg.cond_channels else None
-        if cfg.text_dim:
-            self.text_proj = nn.Linear(cfg.text_dim, w)
-            self.text_pool = Mlp(w, w, w, act_layer=nn.SiLU)
-            self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)  # for classifier-free guidance
+        self.conditioning = Conditioning(w, w, cfg.cond_channels > 0, cfg.text_dim, w)
         self.temporal_bias = RelativePositionBias(cfg.heads) if cfg.temporal_positions == "t5_bias" else None
         block = FactorizedBlock if cfg.name == "dit" else JointBlock
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.depth))
@@ -196,20 +192,7 @@ class DiT(nn.Module):
         gt, gh, gw = x.shape[2:]
         x = rearrange(x, "b w t h v -> b t (h v) w")
 
-        c = self.noise_embed(fourier_features(logsnr, cfg.width).to(x.dtype))
-        if self.cond_noise_embed is not None:
-            if cond_logsnr is None:
-                raise ValueError("cond_logsnr (the augmentation level of cond) is required with cond")
-            c = c + self.cond_noise_embed(fourier_features(cond_logsnr, cfg.width).to(x.dtype))
-        context = mask = None
-        if cfg.text_dim:
-            if text is None:
-                text = self.null_text.expand(b, 1, -1)
-                text_mask = None
-            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=z.device) if text_mask is None else text_mask
-            context, mask = self.text_proj(text.to(x.dtype)), text_mask
-            pooled = (context * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-            c = c + self.text_pool(pooled)
+        c, context, mask = self.conditioning(logsnr, cond_logsnr, text, text_mask, b, x.dtype)
 
         positions = self._positions(gt, gh, gw, x)
         if cfg.spatial_positions == "sincos":

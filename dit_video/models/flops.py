@@ -104,11 +104,12 @@ def _unet_flops(model: UNet3D, shape, text_len: int) -> float:
         flops = sum(res_block(r, t * hw) for r in lv.res)
         return flops + sum(attention_block(a, hw) for a in lv.attn if isinstance(a, AttentionBlock))
 
-    flops = linear(model.noise_embed.fc1, b) + linear(model.noise_embed.fc2, b)
-    if model.cond_noise_embed is not None:
-        flops += linear(model.cond_noise_embed.fc1, b) + linear(model.cond_noise_embed.fc2, b)
+    cond = model.conditioning
+    flops = linear(cond.noise.fc1, b) + linear(cond.noise.fc2, b)
+    if cond.cond_noise is not None:
+        flops += linear(cond.cond_noise.fc1, b) + linear(cond.cond_noise.fc2, b)
     if cfg.text_dim:
-        flops += linear(model.text_proj, b * text_len) + linear(model.text_pool.fc1, b) + linear(model.text_pool.fc2, b)
+        flops += linear(cond.text_proj, b * text_len) + linear(cond.text_pool.fc1, b) + linear(cond.text_pool.fc2, b)
         levels = set(cfg.attention_levels) | {len(cfg.channel_mult) - 1}
         flops += sum(linear(model.text_to_level[i], b * text_len) for i in levels)
     flops += conv(model.conv_in, t * h * w) + conv(model.conv_out, t * h * w)

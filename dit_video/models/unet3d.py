@@ -16,14 +16,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import param
 from ..frames import FrameNorm, per_frame
 from .attention import attention
-from .embeddings import RelativePositionBias, fourier_features
+from .conditioning import Conditioning
+from .embeddings import RelativePositionBias
 
 
 @dataclass
@@ -151,12 +151,8 @@ class UNet3D(nn.Module):
         self.out_channels = cfg.out_channels or cfg.in_channels
         width = 4 * cfg.channels  # the conditioning vector
         chans = cfg.level_channels
-        self.noise_embed = Mlp(cfg.channels, width, width, act_layer=nn.SiLU)
-        self.cond_noise_embed = Mlp(cfg.channels, width, width, act_layer=nn.SiLU) if cfg.cond_channels else None
-        if cfg.text_dim:
-            self.text_proj = nn.Linear(cfg.text_dim, chans[-1])  # one width for every level's context
-            self.text_pool = Mlp(chans[-1], width, width, act_layer=nn.SiLU)
-            self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)
+        # text is projected to the deepest width, then to each attention level's (text_to_level)
+        self.conditioning = Conditioning(cfg.channels, width, cfg.cond_channels > 0, cfg.text_dim, chans[-1])
         self.conv_in = nn.Conv3d(cfg.in_channels + cfg.cond_channels, chans[0], (1, 3, 3), padding=(0, 1, 1))
         self.text_to_level = nn.ModuleList(nn.Linear(chans[-1], c) if cfg.text_dim else nn.Identity() for c in chans)
 
@@ -192,18 +188,7 @@ class UNet3D(nn.Module):
         if (cond is None) != (cfg.cond_channels == 0):
             raise ValueError(f"this model takes cond with {cfg.cond_channels} channels; got "
                              f"{'none' if cond is None else tuple(cond.shape)}")
-        c = self.noise_embed(fourier_features(logsnr, cfg.channels).to(z.dtype))
-        if self.cond_noise_embed is not None:
-            if cond_logsnr is None:
-                raise ValueError("cond_logsnr (the augmentation level of cond) is required with cond")
-            c = c + self.cond_noise_embed(fourier_features(cond_logsnr, cfg.channels).to(z.dtype))
-        context = mask = None
-        if cfg.text_dim:
-            if text is None:
-                text, text_mask = self.null_text.expand(z.shape[0], 1, -1), None
-            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=z.device) if text_mask is None else text_mask
-            context = self.text_proj(text.to(z.dtype))
-            c = c + self.text_pool((context * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1))
+        c, context, mask = self.conditioning(logsnr, cond_logsnr, text, text_mask, z.shape[0], z.dtype)
 
         # the text context in each attention level's width, projected once per forward
         contexts = {i: None if context is None else self.text_to_level[i](context)

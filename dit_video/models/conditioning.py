@@ -1,0 +1,39 @@
+"""The conditioning every backbone shares: a vector from the noise level, the cascade's
+augmentation level and pooled text (for adaLN or scale-shift), and the projected text tokens
+with their mask (for cross-attention). A learned null text stands in when no text is given."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from .embeddings import fourier_features
+
+
+class Conditioning(nn.Module):
+    def __init__(self, freq_dim: int, width: int, cond: bool, text_dim: int, context_dim: int):
+        super().__init__()
+        self.freq_dim, self.text_dim = freq_dim, text_dim
+        self.noise = Mlp(freq_dim, width, width, act_layer=nn.SiLU)
+        self.cond_noise = Mlp(freq_dim, width, width, act_layer=nn.SiLU) if cond else None
+        if text_dim:
+            self.text_proj = nn.Linear(text_dim, context_dim)
+            self.text_pool = Mlp(context_dim, width, width, act_layer=nn.SiLU)
+            self.null_text = nn.Parameter(torch.randn(1, text_dim) * 0.02)  # for classifier-free guidance
+
+    def forward(self, logsnr, cond_logsnr, text, text_mask, batch: int, dtype: torch.dtype):
+        """(vector [B, width], context [B, L, context_dim] or None, mask [B, L] or None)."""
+        c = self.noise(fourier_features(logsnr, self.freq_dim).to(dtype))
+        if self.cond_noise is not None:
+            if cond_logsnr is None:
+                raise ValueError("cond_logsnr (the augmentation level of cond) is required with cond")
+            c = c + self.cond_noise(fourier_features(cond_logsnr, self.freq_dim).to(dtype))
+        if not self.text_dim:
+            return c, None, None
+        if text is None:
+            text, text_mask = self.null_text.expand(batch, 1, -1), None
+        mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if text_mask is None else text_mask
+        context = self.text_proj(text.to(dtype))
+        pooled = (context * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return c + self.text_pool(pooled), context, mask

@@ -1,0 +1,19 @@
+"""Checks that every backbone must pass, shared by their test files."""
+
+import torch
+
+
+def assert_checkpointing_is_exact(make) -> None:
+    """`make(gradient_checkpointing=...)` builds a model; with checkpointing its outputs and
+    gradients must be those without."""
+    results = []
+    for checkpointing in (False, True):
+        model = make(gradient_checkpointing=checkpointing).train()
+        z = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        out = model(z, torch.tensor([0.1, -2.0]), text=torch.ones(2, 2, 8))
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert len(results[0][1]) == len(results[1][1])
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1)
