@@ -134,3 +134,10 @@ def test_only_frame_differences_matter(name, spatial, temporal):
                 h = block(h, c, positions, text, mask)
             outputs.append(h)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_out_channels_can_differ_from_in_channels():
+    # e.g. a model that also predicts a variance: 2x the latent channels out
+    model = make(out_channels=8)
+    with torch.no_grad():
+        assert model(torch.randn(1, 4, 2, 8, 8), torch.zeros(1)).shape == (1, 8, 2, 8, 8)

@@ -58,3 +58,9 @@ def test_registry_and_errors():
         make()(torch.randn(1, 4, 1, 7, 8), torch.zeros(1))
     with pytest.raises(ValueError, match="attention_levels \\[3\\]"):
         UNet3DConfig(attention_levels=[3])
+
+
+def test_out_channels_and_no_attention_levels():
+    model = make(out_channels=8, attention_levels=[])
+    with torch.no_grad():
+        assert model(torch.randn(1, 4, 2, 8, 8), torch.zeros(1)).shape == (1, 8, 2, 8, 8)

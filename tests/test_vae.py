@@ -36,7 +36,7 @@ def video(t=9, h=32, w=48, b=2, seed=0):
                                                (4, 4, [8, 16, 16]), (2, 8, [8, 16, 16, 16])])
 def test_configured_compressions_give_the_stated_shapes(tf, sf, channels):
     model = VideoVAE(VAEConfig(channels=channels, spatial_factor=sf, temporal_factor=tf, blocks_per_level=1,
-                               norm_groups=8, latent_channels=6)).eval()
+                               norm_groups=8, latent_channels=6, attention=tf == 4)).eval()
     frames = 1 + 2 * tf
     x = video(t=frames, h=2 * sf, w=3 * sf)
     with torch.no_grad():

@@ -18,7 +18,6 @@ class VAEConfig:
     blocks_per_level: int = param(2, ge=1)
     attention: bool = True  # self-attention over each frame's positions in the middle block
     norm_groups: int = param(32, ge=1)  # GroupNorm groups (per frame), capped at the channel count
-    name: str = "causal_vae"
 
     def __post_init__(self):
         for key in ("spatial_factor", "temporal_factor"):

@@ -216,7 +216,8 @@ class DiT(nn.Module):
         """RoPE angles and biases for this grid (nothing is tied to one size). Factorized blocks
         use the spatial_* and temporal_* entries, joint blocks the joint_* ones, where each
         token's angles are those of its frame and, with spatial RoPE, of its row and column
-        (the head's channels split between them)."""
+        (the head's channels split between them). `first_frame` numbers the frames from there;
+        with relative temporal positions it changes nothing, which the tests check."""
         cfg, head_dim = self.config, self.config.width // self.config.heads
         out = dict.fromkeys(["spatial_rope", "spatial_bias", "temporal_rope", "temporal_bias",
                              "joint_rope", "joint_bias"])
