@@ -59,34 +59,77 @@ def _math(q, k, v, bias):
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
+def _xformers_inputs(q, k, v, bias):
+    """q, k, v in xformers' [B, L, H, D] layout, and the bias as it wants it: a view of a tensor
+    whose last dim is padded to a multiple of 8 in memory, expanded to the full shape."""
+    if bias is not None:
+        lk = bias.shape[-1]
+        padded = bias.new_zeros(*bias.shape[:-1], (lk + 7) // 8 * 8)
+        padded[..., :lk] = bias
+        bias = padded[..., :lk].expand(q.shape[0], q.shape[1], q.shape[2], lk)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias
+
+
 def _xformers(q, k, v, bias):
     if q.device.type != "cuda":
         raise RuntimeError("the xformers attention backend runs on CUDA only; use 'sdpa' or 'auto'")
     import xformers.ops as xops
 
-    if bias is not None:
-        # xformers wants the bias's last dim padded to a multiple of 8 in memory; a view of a
-        # padded tensor keeps the logical shape.
-        lk = bias.shape[-1]
-        padded = bias.new_zeros(*bias.shape[:-1], (lk + 7) // 8 * 8)
-        padded[..., :lk] = bias
-        bias = padded[..., :lk].expand(q.shape[0], q.shape[1], q.shape[2], lk)
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
-    return out.transpose(1, 2)
+    q, k, v, bias = _xformers_inputs(q, k, v, bias)
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias).transpose(1, 2)
+
+
+def xformers_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> dict:
+    """Which operators xformers dispatches these inputs to, forward and backward, and whether its
+    own compiled extension is loaded. xformers names an operator that calls PyTorch's kernel with
+    a "-pt" suffix (e.g. "fa2F@2.7.4-pt", "cutlassF-pt"): when its extension fails to load, those
+    are all that is left, and xformers is then PyTorch's flash / memory-efficient kernels."""
+    import xformers
+    from xformers.ops import fmha
+
+    q, k, v, bias = _xformers_inputs(q, k, v, bias)
+    inputs = fmha.Inputs(query=q, key=k, value=v, attn_bias=bias)
+    forward = fmha._dispatch_fw(inputs, True)  # as memory_efficient_attention picks them for training
+    backward = fmha._dispatch_bw(inputs, varlen_lse_packed=forward.VARLEN_LSE_PACKED)
+    return {"xformers": xformers.__version__, "extension_loaded": bool(getattr(xformers, "_has_cpp_library", False)),
+            "forward": forward.NAME, "backward": backward.NAME}
 
 
 @functools.lru_cache(maxsize=None)
 def resolve_backend(device: torch.device) -> str:
     """What "auto" means on `device`: xformers if it imports and a small call runs there, else
-    sdpa. Decided once per device and logged, with the reason when xformers is passed over."""
+    sdpa. Decided once per device and logged: with the reason when xformers is passed over, and
+    with the kernels it dispatches to (with and without a bias) when it is taken."""
     if device.type != "cuda":
         log.info("attention backend: sdpa (device %s)", device)
         return "sdpa"
     try:
         q = torch.randn(1, 1, 8, 16, device=device, dtype=torch.float16)
         _xformers(q, q, q, None)
+        plain = xformers_kernels(q, q, q)
+        biased = xformers_kernels(q, q, q, torch.zeros(1, 1, 8, 8, device=device, dtype=q.dtype))
     except Exception as e:  # ImportError, a missing CUDA extension, an unsupported GPU...
-        log.warning("attention backend: sdpa (xformers unavailable on %s: %s)", device, str(e).splitlines()[0])
+        log.warning("attention backend: sdpa (xformers unavailable on %s: %s)", device, _why_not_xformers(e))
         return "sdpa"
-    log.info("attention backend: xformers on %s", device)
+    origin = ("its own CUDA extension" if plain["extension_loaded"]
+              else "PyTorch's kernels: its own CUDA extension did not load")
+    log.info("attention backend: xformers %s on %s via %s (forward %s, %s with a bias; backward %s, %s with a bias)",
+             plain["xformers"], device, origin, plain["forward"], biased["forward"], plain["backward"],
+             biased["backward"])
     return "xformers"
+
+
+def _why_not_xformers(error: Exception) -> str:
+    """One line on why xformers did not run. Its usual failure, a wheel built for another PyTorch,
+    surfaces only as "No operator found", so name the build mismatch when that is the cause."""
+    try:
+        import xformers
+        from xformers import _cpp_lib
+    except ImportError:
+        return str(error).splitlines()[0]
+    load_error = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    if load_error is None:
+        return str(error).splitlines()[0]
+    lines = [line.strip() for line in str(load_error).splitlines()]
+    build = " ".join(line for line in lines[1:] if line and not line.startswith(("Please", "Memory", "Set ")))
+    return f"xformers {xformers.__version__} cannot load its CUDA kernels: {lines[0]} {build}".strip()
