@@ -2,6 +2,8 @@
 
 import torch
 
+from dit_video.models.dit import DiT, DiTConfig
+
 
 def assert_checkpointing_is_exact(make) -> None:
     """`make(gradient_checkpointing=...)` builds a model; with checkpointing its outputs and
@@ -17,3 +19,17 @@ def assert_checkpointing_is_exact(make) -> None:
     assert len(results[0][1]) == len(results[1][1])
     for g0, g1 in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(g0, g1)
+
+
+def make_dit(name="dit", spatial="sincos", temporal="rope", randomize=True, **kwargs) -> DiT:
+    """A tiny DiT with seeded weights; `randomize` moves them off adaLN-Zero's zeros, so that
+    every path shows in the output."""
+    torch.manual_seed(0)
+    cfg = dict(name=name, size="tiny", in_channels=4, text_dim=8, cond_channels=0, attention_backend="math",
+               spatial_positions=spatial, temporal_positions=temporal)
+    model = DiT(DiTConfig(**{**cfg, **kwargs})).eval()
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return model

@@ -79,3 +79,55 @@ def test_xformers_attention_matches_sdpa(with_bias):
     mask[0, 9:] = False
     ref = attention(q, k, v, bias, mask, backend="sdpa").float()
     torch.testing.assert_close(attention(q, k, v, bias, mask, backend="xformers").float(), ref, rtol=0, atol=2e-2)
+
+
+def test_xformers_reports_the_kernels_that_run():
+    """The operators xformers says it dispatches to are the kernels the profiler sees; without its
+    own extension they are PyTorch's ("-pt")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dit_video.models import attention, resolve_backend, xformers_kernels
+
+    if resolve_backend(torch.device("cuda")) != "xformers":
+        pytest.skip("xformers does not run on this CUDA setup (auto falls back to sdpa)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, 8, 64, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    for bias in (None, torch.randn(1, 8, 64, 64, device="cuda", generator=g).bfloat16()):
+        ops = xformers_kernels(q, k, v, bias)
+        if not ops["extension_loaded"]:
+            assert ops["forward"].endswith("-pt") and ops["backward"].endswith("-pt")
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            attention(*leaves, bias, backend="xformers").sum().backward()
+            torch.cuda.synchronize()
+        kernels = " ".join(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA).lower()
+        family = "flash" if ops["forward"].startswith("fa") else "fmha"  # cutlass: PyTorch's fmha_cutlass kernels
+        assert family in kernels, (ops, kernels[:500])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("name", ["dit", "dit3d"])
+def test_dit_in_bfloat16_on_cuda_matches_the_float32_math_reference(name, backend):
+    from backbone_checks import make_dit
+
+    from dit_video.models import resolve_backend
+
+    if backend == "xformers" and resolve_backend(torch.device("cuda")) != "xformers":
+        pytest.skip("xformers does not run on this CUDA setup (auto falls back to sdpa)")
+    g = torch.Generator().manual_seed(0)
+    z, text = torch.randn(2, 4, 5, 8, 12, generator=g), torch.randn(2, 6, 8, generator=g)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    inputs = dict(logsnr=torch.tensor([0.5, -3.0]), text=text, text_mask=mask)
+    outputs = []
+    reference = make_dit(name, "rope", "t5_bias")
+    tested = make_dit(name, "rope", "t5_bias", attention_backend=backend)
+    for model, device, dtype in ((reference, "cpu", torch.float32), (tested, "cuda", torch.bfloat16)):
+        model = model.to(device=device, dtype=dtype).train()
+        out = model(z.to(device, dtype), **{k: v.to(device) if v.dtype == torch.bool else v.to(device, dtype)
+                                            for k, v in inputs.items()})
+        out.float().square().mean().backward()
+        grads = torch.cat([p.grad.float().flatten().cpu() for p in model.parameters() if p.grad is not None])
+        outputs.append((out.detach().float().cpu(), grads))
+    (ref, ref_grads), (out, grads) = outputs
+    assert (out - ref).norm() / ref.norm() < 2e-2
+    assert (grads - ref_grads).norm() / ref_grads.norm() < 5e-2

@@ -3,24 +3,11 @@
 import pytest
 import torch
 
-from backbone_checks import assert_checkpointing_is_exact
+from backbone_checks import assert_checkpointing_is_exact, make_dit as make
 
-from dit_video.models.dit import DiT, DiTConfig
 
 VARIANTS = [(name, spatial, temporal) for name in ("dit", "dit3d") for spatial in ("sincos", "rope")
             for temporal in ("rope", "t5_bias")]
-
-
-def make(name="dit", spatial="sincos", temporal="rope", randomize=True, **kwargs) -> DiT:
-    torch.manual_seed(0)
-    cfg = dict(name=name, size="tiny", in_channels=4, text_dim=8, cond_channels=0, attention_backend="math",
-               spatial_positions=spatial, temporal_positions=temporal)
-    model = DiT(DiTConfig(**{**cfg, **kwargs})).eval()
-    if randomize:  # leave adaLN-Zero's zeros behind, so that every path shows in the output
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 @pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
