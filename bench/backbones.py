@@ -6,8 +6,8 @@ input as our dit.
     python bench/backbones.py --width 192 --depth 4 --heads 3 --size 16 --frames 4 8 16 32
     python bench/backbones.py --device cuda --dtype bf16 --width 1152 --depth 28 --heads 16 --size 32 --frames 4 8 16
 
-One step is forward + backward of a mean-square loss, batch 1, text of 16 tokens. Prints a
-table, writes JSON and a plot (tokens/s against frames) under bench/results/. Peak memory: as
+One step is forward + backward of a mean-square loss, batch 1 (--batch), text of 16 tokens.
+Prints a table, writes JSON and a plot (tokens/s against frames) under bench/results/. Peak memory: as
 in bench/vae.py (CUDA allocator, or a fresh CPU worker process per case). On CUDA it also
 reports MFU: the analytic training FLOPs (3x the forward's) per second over the measured peak
 of a large matrix product in the same dtype.
@@ -16,6 +16,7 @@ of a large matrix product in the same dtype.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, peak_rss_bytes, rss_bytes, run_worker  # noqa: E402
+from bench.common import cuda_kernel_shares, machine, peak_rss_bytes, rss_bytes, run_worker  # noqa: E402
 from dit_video.files import atomic_path, write_text_atomic  # noqa: E402
-from dit_video.models import DiT, DiTConfig, UNet3D, UNet3DConfig  # noqa: E402
+from dit_video.models import BACKENDS, DiT, DiTConfig, UNet3D, UNet3DConfig, resolve_backend  # noqa: E402
 from dit_video.models.flops import count_flops, count_parameters  # noqa: E402
 
 ARMS = ("dit", "dit3d", "unet3d", "latte")
@@ -40,9 +41,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def build(arm: str, args, frames: int) -> torch.nn.Module:
     torch.manual_seed(0)
     if arm in ("dit", "dit3d"):
-        return DiT(DiTConfig(name=arm, width=args.width, depth=args.depth, heads=args.heads, text_dim=TEXT_DIM))
+        return DiT(DiTConfig(name=arm, width=args.width, depth=args.depth, heads=args.heads, text_dim=TEXT_DIM,
+                             attention_backend=args.attention))
     if arm == "unet3d":
-        return UNet3D(unet_config(args))
+        return UNet3D(dataclasses.replace(unet_config(args), attention_backend=args.attention))
     from diffusers import LatteTransformer3DModel
 
     return LatteTransformer3DModel(
@@ -54,6 +56,11 @@ def build(arm: str, args, frames: int) -> torch.nn.Module:
 
 def unet_config(args) -> UNet3DConfig:
     """The U-Net whose parameter count is closest to our dit's (base width in steps of 16)."""
+    with torch.device("meta"):
+        return _closest_unet(args)
+
+
+def _closest_unet(args) -> UNet3DConfig:
     target = count_parameters(DiT(DiTConfig(width=args.width, depth=args.depth, heads=args.heads, text_dim=TEXT_DIM)))
 
     def make(channels: int) -> UNet3DConfig:
@@ -75,13 +82,13 @@ def measure(arm: str, args, frames: int) -> tuple[float, int]:
     """Median seconds per training step, and peak memory above what was in use before it."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = build(arm, args, frames).to(device=device, dtype=dtype).train()
-    z = torch.randn(1, 4, frames, args.size, args.size, device=device, dtype=dtype)
-    text = torch.randn(1, TEXT_LEN, TEXT_DIM, device=device, dtype=dtype)
+    z = torch.randn(args.batch, 4, frames, args.size, args.size, device=device, dtype=dtype)
+    text = torch.randn(args.batch, TEXT_LEN, TEXT_DIM, device=device, dtype=dtype)
     if arm == "latte":
-        step_inputs = dict(hidden_states=z, timestep=torch.tensor([500], device=device), encoder_hidden_states=text)
+        step_inputs = dict(hidden_states=z, timestep=torch.full((args.batch,), 500, device=device), encoder_hidden_states=text)
         forward = lambda: model(**step_inputs).sample  # noqa: E731
     else:
-        forward = lambda: model(z, torch.zeros(1, device=device), text=text)  # noqa: E731
+        forward = lambda: model(z, torch.zeros(args.batch, device=device), text=text)  # noqa: E731
     cuda = device.type == "cuda"
 
     def step():
@@ -100,6 +107,11 @@ def measure(arm: str, args, frames: int) -> tuple[float, int]:
         step()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    if cuda and args.profile:
+        shares = cuda_kernel_shares(step)
+        print(f"GPU kernels of one {arm} step at {frames} frames, by share of GPU time:")
+        for name, share in shares[:args.profile]:
+            print(f"  {100 * share:5.1f}%  {name[:110]}")
     return statistics.median(times), peak - base
 
 
@@ -126,7 +138,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--attention", choices=BACKENDS, default="auto", help="attention backend of our arms")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="on CUDA, list the N GPU kernels that take the most time in one step")
     parser.add_argument("--out", default=None, help="JSON path; the plot goes beside it as .png")
     parser.add_argument("--worker", nargs=2, metavar=("ARM", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,9 +163,10 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", arm, str(frames), *_passthrough(args)]
                 seconds, _ = run_worker(cmd, for_memory=False)
                 _, peak = run_worker(cmd, for_memory=True)
-            model = build(arm, args, frames)
-            tokens = frames * (args.size // 2) ** 2
-            flops = count_flops(model, (1, 4, frames, args.size, args.size), TEXT_LEN) if arm != "latte" else None
+            with torch.device("meta"):  # counting needs the shapes only, not a second real model
+                model = build(arm, args, frames)
+            tokens = args.batch * frames * (args.size // 2) ** 2
+            flops = count_flops(model, (args.batch, 4, frames, args.size, args.size), TEXT_LEN) if arm != "latte" else None
             row = {"arm": arm, "frames": frames, "tokens": tokens, "parameters": count_parameters(model),
                    "step_s": seconds, "tokens_per_s": tokens / seconds, "forward_gflop": flops and flops / 1e9,
                    "peak_mib": peak / 2**20,
@@ -167,8 +184,9 @@ def main() -> None:
             ratios[frames] = step["dit"] / step["latte"]
         print("dit step time / Latte step time: " + ", ".join(f"{f} frames {r:.2f}" for f, r in ratios.items()))
     result = {"machine": machine(args.device), "torch": torch.__version__, "dtype": args.dtype,
+              "attention": resolve_backend(torch.device(args.device)) if args.attention == "auto" else args.attention,
               "matmul_peak_tflops": peak_flops and peak_flops / 1e12,
-              "width": args.width, "depth": args.depth, "heads": args.heads, "latent_size": args.size,
+              "batch": args.batch, "width": args.width, "depth": args.depth, "heads": args.heads, "latent_size": args.size,
               "unet3d_config": dict(unet_config(args).__dict__), "rows": rows, "dit_over_latte_step_time": ratios}
     suffix = "cuda" if args.device.startswith("cuda") else "cpu"
     out = Path(args.out or ROOT / f"bench/results/backbones_{suffix}.json")
@@ -179,7 +197,8 @@ def main() -> None:
 
 def _passthrough(args) -> list[str]:
     return ["--width", str(args.width), "--depth", str(args.depth), "--heads", str(args.heads), "--size",
-            str(args.size), "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
+            str(args.size), "--device", args.device, "--dtype", args.dtype, "--attention", args.attention,
+            "--batch", str(args.batch), "--repeats", str(args.repeats)]
 
 
 def plot(rows: list[dict], args, path: Path) -> None:

@@ -33,3 +33,19 @@ def run_worker(cmd: list[str], for_memory: bool) -> object:
     allocator's high-water mark; that setting slows the worker down, so time it without."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if for_memory else None
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+
+
+def cuda_kernel_shares(fn) -> list[tuple[str, float]]:
+    """Run `fn` once under the profiler: the GPU kernels it launched with their share of GPU time,
+    longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time
+    whole = sum(totals.values()) or 1.0
+    return sorted(((name, t / whole) for name, t in totals.items()), key=lambda kv: -kv[1])

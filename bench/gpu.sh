@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every check and benchmark that needs a CUDA GPU, in one go, for a machine where one is at hand:
+#   bash bench/gpu.sh OUT_DIR [STEP ...]     (steps: tests attention ditxl sweep vae; default all)
+# Runs the CUDA tests (with the model and attention tests beside them), then the attention,
+# backbone and VAE benchmarks, writing logs and JSON to OUT_DIR. Each step has a time limit and a
+# failing step does not stop the others; the exit status says whether all passed.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu.sh OUT_DIR [STEP ...]}
+shift
+steps=${*:-tests attention ditxl sweep vae}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND, log to OUT_DIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | grep -v '^WARNING\[XFORMERS\]\|^  \(PyTorch\|Python\|Please\|Memory\|Set XFORMERS\)'
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || { echo "== $name: exit $rc"; status=1; }
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
+
+wants() { [[ " $steps " == *" $1 "* ]]; }
+
+wants tests && step tests 240 python3 -m pytest -q -p no:cacheprovider --log-level=INFO -rs \
+    tests/test_cuda.py tests/test_attention.py tests/test_dit.py tests/test_unet3d.py
+wants attention && step attention 120 python3 bench/attention.py --device cuda --dtype bf16 --out "$out/attention_cuda.json"
+wants ditxl && for backend in xformers sdpa; do  # xformers fails where its wheel does not match torch
+    step "ditxl_$backend" 240 python3 bench/backbones.py --device cuda --dtype bf16 --attention "$backend" \
+        --width 1152 --depth 28 --heads 16 --size 32 --frames 16 --arms dit --repeats 10 --profile 12 \
+        --out "$out/backbones_ditxl_$backend.json"
+done
+wants ditxl && step ditxl_batch4 240 python3 bench/backbones.py --device cuda --dtype bf16 --batch 4 \
+    --width 1152 --depth 28 --heads 16 --size 32 --frames 16 --arms dit --repeats 10 \
+    --out "$out/backbones_ditxl_batch4.json"
+wants sweep && step backbones_sweep 240 python3 bench/backbones.py --device cuda --dtype bf16 --width 768 --depth 12 --heads 12 \
+    --size 32 --frames 4 8 16 32 64 --arms dit dit3d unet3d --repeats 10 --out "$out/backbones_cuda.json"
+wants vae && step vae 240 python3 bench/vae.py --config configs/vae/base.yaml --device cuda --dtype bf16 --size 256 \
+    --frames 17 33 65 129 --chunk 16 --out "$out/vae_cuda.json"
+exit $status
