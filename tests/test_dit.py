@@ -56,6 +56,20 @@ def test_text_mask_hides_padding_tokens():
         assert model(z, logsnr).shape == z.shape  # no text: the learned null embedding
 
 
+@pytest.mark.parametrize("name", ["dit", "dit3d"])
+def test_an_all_false_text_mask_means_the_null_text(name):
+    """Caption dropout in training masks a sample's whole caption; that sample must see exactly
+    what sampling without text (the unconditional branch of guidance) sees."""
+    model = make(name)
+    z, logsnr = torch.randn(2, 4, 2, 8, 8), torch.tensor([0.0, 1.0])
+    text, mask = torch.randn(2, 4, 8), torch.tensor([[True, True, True, False], [False] * 4])
+    with torch.no_grad():
+        out = model(z, logsnr, text=text, text_mask=mask)
+        torch.testing.assert_close(out[1:], model(z[1:], logsnr[1:]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[:1], model(z[:1], logsnr[:1], text=text[:1], text_mask=mask[:1]))
+        assert torch.isfinite(out).all()
+
+
 def test_cascade_conditioning_enters_the_output():
     model = make(cond_channels=4)
     z, logsnr = torch.randn(1, 4, 2, 8, 8), torch.zeros(1)

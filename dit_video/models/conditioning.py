@@ -1,6 +1,7 @@
 """The conditioning every backbone shares: a vector from the noise level, the cascade's
 augmentation level and pooled text (for adaLN or scale-shift), and the projected text tokens
-with their mask (for cross-attention). A learned null text stands in when no text is given."""
+with their mask (for cross-attention). A learned null text stands in when no text is given, and
+for a sample whose text mask is all False (a caption dropped for classifier-free guidance)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ class Conditioning(nn.Module):
         if text is None:
             text, text_mask = self.null_text.expand(batch, 1, -1), None
         mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if text_mask is None else text_mask
+        empty = ~mask.any(dim=1)
+        if empty.any():  # a caption dropped for guidance: the null text in its first slot, as with no text
+            first = torch.zeros_like(mask)
+            first[:, 0] = True
+            slot = empty[:, None] & first
+            text = torch.where(slot[..., None], self.null_text.to(text.dtype), text)
+            mask = mask | slot
         context = self.text_proj(text.to(dtype))
         pooled = (context * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return c + self.text_pool(pooled), context, mask
