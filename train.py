@@ -1,15 +1,14 @@
 """One entry for every trainable stage, chosen by the config's `stage`:
 
-    python train.py configs/vae/train_tiny.yaml [key=value ...]
+    python train.py configs/base/tiny.yaml [key=value ...]              one process
+    torchrun --nproc_per_node 2 train.py configs/base/tiny.yaml         several, one node
+    deepspeed --num_gpus 8 [--hostfile H] train.py configs/base/xl.yaml several nodes
 
-Stages: `vae` (the video autoencoder). The loop below is the plain single-process one; the
-diffusion stages (base, tsr, ssr, distill) and the DeepSpeed engine come with the training
-issue and replace it rather than add a second loop.
-
-The VAE is trained on L1 + L2 reconstruction plus a small KL term, on batches that are either
-videos or images (one-frame videos) at `data.image_ratio`, with an optional 3D patch
-discriminator (hinge loss) switched on at step `train.discriminator_start`. At the end the
-latent statistics are fitted on training clips and the model is saved for `from_pretrained`.
+Stages `base`, `tsr` and `ssr` train a diffusion backbone on VAE latents with DeepSpeed ZeRO
+(`train_diffusion`, below): buckets of native sizes, joint image-video batches, caption dropout,
+cascade conditioning with augmentation, EMA, and checkpoints that resume exactly. Stage `vae`
+trains the video autoencoder (`train_vae`) on L1 + L2 reconstruction, a small KL term and an
+optional 3D patch discriminator, in one process; it has not moved onto the DeepSpeed loop yet.
 """
 
 from __future__ import annotations
@@ -17,18 +16,35 @@ from __future__ import annotations
 import glob
 import json
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from dit_video.cli import UsageError, config_arguments, exits_cleanly
 from dit_video.config import ConfigError, from_dict, load_config, param, read_yaml, save_config
+from dit_video.data import BucketSampler, Loader, MediaDataset, read_manifest
 from dit_video.data.image import read_image
 from dit_video.data.video import VideoError, read_video
+from dit_video.diffusion import augment_condition, downsample_video, sample_augmentation_logsnr, upsample_latent
 from dit_video.eval.metrics import psnr
+from dit_video.files import atomic_dir
+from dit_video.models import build_backbone
+from dit_video.text import build_text_encoder
+from dit_video.training.checkpoint import complete_checkpoints, ensure_universal, read_trainer_state
+from dit_video.training.checkpoint import load as checkpoint_load
+from dit_video.training.checkpoint import save as checkpoint_save
+from dit_video.training.config import DiffusionTrainConfig
+from dit_video.training.ema import EMA
+from dit_video.training.engine import build_engine, deepspeed_config, device_for, setup_distributed
+from dit_video.training.log import RunLog
+from dit_video.training.objective import DiffusionObjective
 from vae import VAEConfig, VideoVAE
 from vae.losses import (PatchDiscriminator3D, hinge_discriminator_loss, hinge_generator_loss, kl_loss,
                         reconstruction_loss)
@@ -68,10 +84,11 @@ class VAETrainConfig:
     train: VAETraining = field(default_factory=VAETraining)
 
 
-STAGES = {"vae": VAETrainConfig}
+STAGES = {"vae": VAETrainConfig, "base": DiffusionTrainConfig, "tsr": DiffusionTrainConfig,
+          "ssr": DiffusionTrainConfig}
 
 
-def load_train_config(path: str, overrides: list[str]) -> VAETrainConfig:
+def load_train_config(path: str, overrides: list[str]) -> VAETrainConfig | DiffusionTrainConfig:
     stage = read_yaml(path).get("stage")
     for item in overrides:
         if item.startswith("stage="):
@@ -185,12 +202,218 @@ def train_vae(cfg: VAETrainConfig, progress: bool = True) -> dict:
     return metrics
 
 
+class Stop(Exception):
+    """The run cannot go on; the message says why (the last complete checkpoint is intact)."""
+
+
+class TermSignal:
+    """SIGTERM (a scheduler's preemption) asks for a checkpoint and a clean exit at the end of
+    the current step; all processes agree on it through the loop's all-reduce."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+
+def backbone_config(cfg: DiffusionTrainConfig, vae: VideoVAE, text_dim: int) -> dict:
+    """The backbone's config with the channels the run dictates filled in (and checked if given)."""
+    source = cfg.backbone if isinstance(cfg.backbone, str) else "backbone"
+    backbone = dict(read_yaml(cfg.backbone) if isinstance(cfg.backbone, str) else cfg.backbone)
+    implied = {"in_channels": vae.latent_channels, "text_dim": text_dim,
+               "cond_channels": vae.latent_channels if cfg.cascade else 0}
+    for key, value in implied.items():
+        if backbone.setdefault(key, value) != value:
+            raise ConfigError(f"{source}: {key}: this run needs {value}, got {backbone[key]}")
+    return backbone
+
+
+def check_buckets(cfg: DiffusionTrainConfig, vae: VideoVAE, patch: tuple[int, int, int]) -> None:
+    """Every bucket must map to whole latent patches (frames 1 + f*k for a causal VAE)."""
+    f, s = vae.temporal_factor, vae.spatial_factor
+    for key, buckets in (("data.buckets", cfg.data.buckets), ("data.image_buckets", cfg.data.image_buckets)):
+        for i, b in enumerate(buckets):
+            frames_ok = (b.frames - 1) % f == 0 and ((b.frames - 1) // f + 1) % patch[0] == 0
+            if cfg.cascade and cfg.stage == "tsr" and b.frames > 1:
+                frames_ok = frames_ok and (b.frames - 1) % (f * cfg.cascade.temporal) == 0
+            size_ok = all(x % (s * p * (cfg.cascade.spatial if cfg.cascade else 1)) == 0
+                          for x, p in ((b.height, patch[1]), (b.width, patch[2])))
+            if not (frames_ok and size_ok):
+                raise ConfigError(f"{key}[{i}]: {b.frames}x{b.height}x{b.width} does not fit the VAE "
+                                  f"({f}x{s}x{s}), the patch {patch} and the cascade factors: frames must be "
+                                  f"1 + {f}*k, height and width multiples of {s} x patch x spatial factor")
+
+
+def make_loader(cfg: DiffusionTrainConfig, rank: int, world: int) -> Loader:
+    data = cfg.data
+    videos = MediaDataset(read_manifest(data.videos), "video", fps=data.fps, stride=data.stride) if data.videos else None
+    images = MediaDataset(read_manifest(data.images), "image") if data.images else None
+    sampler = BucketSampler(len(videos) if videos else 0, len(images) if images else 0, data.buckets,
+                            data.image_buckets, data.image_ratio, seed=cfg.train.seed, rank=rank, world=world)
+    return Loader(videos, images, sampler, num_workers=data.num_workers)
+
+
+class Inputs:
+    """Turns a loader batch into the engine's inputs: VAE latents, text for a frozen encoder, and
+    for cascade stages the augmented low-resolution latent and its level. All frozen, no grad."""
+
+    def __init__(self, cfg: DiffusionTrainConfig, vae: VideoVAE, frozen_text: nn.Module | None,
+                 device: torch.device, generator: torch.Generator):
+        self.cfg, self.vae, self.frozen_text, self.device, self.generator = cfg, vae, frozen_text, device, generator
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        video = batch["video"].to(self.device)
+        is_image = batch["is_image"].to(self.device)
+        inputs = {"latents": self.vae.encode(video), "is_image": is_image, "generator": self.generator}
+        if self.frozen_text is not None:
+            inputs["text"], inputs["text_mask"] = self.frozen_text(batch["captions"])
+        else:
+            inputs["captions"] = batch["captions"]
+        cascade = self.cfg.cascade
+        if cascade is not None:
+            temporal = cascade.temporal if video.shape[2] > 1 else 1  # images have no time to subsample
+            low = self.vae.encode(downsample_video(video, spatial=cascade.spatial, temporal=temporal))
+            cond = upsample_latent(low, *inputs["latents"].shape[2:])
+            level = sample_augmentation_logsnr(len(video), *cascade.aug_logsnr, generator=self.generator,
+                                               device=self.device)
+            inputs["cond"] = augment_condition(cond, level, generator=self.generator)
+            inputs["cond_logsnr"] = level
+        return inputs
+
+
+def export_model(out: Path, cfg: DiffusionTrainConfig, engine, ema: EMA, rank: int) -> Path | None:
+    """Write `<out_dir>/model/` for from_pretrained: the run's config, the weights gathered from
+    their ZeRO shards (model.safetensors) and the EMA weights (ema.safetensors)."""
+    import deepspeed
+
+    params = [p for p in engine.module.parameters()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        state = {k: v.detach().float().cpu().contiguous() for k, v in engine.module.state_dict().items()} \
+            if rank == 0 else None
+    if rank != 0:
+        return None
+    target = out / "model"
+    with atomic_dir(target) as tmp:
+        save_config(cfg, tmp / "config.yaml")
+        save_file(state, tmp / "model.safetensors")
+        save_file(ema.state_dict(), tmp / "ema.safetensors")
+    return target
+
+
+def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
+    """The diffusion stages' loop; returns the last logged metrics (on rank 0)."""
+    rank, world, local_rank = setup_distributed()
+    device = device_for(local_rank)
+    out, checkpoints = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every process
+    vae = VideoVAE.from_pretrained(cfg.vae).to(device).eval().requires_grad_(False)
+    text_encoder = build_text_encoder(cfg.text)
+    backbone = build_backbone({**backbone_config(cfg, vae, text_encoder.dim),
+                               "gradient_checkpointing": cfg.train.gradient_checkpointing})
+    check_buckets(cfg, vae, tuple(getattr(backbone.config, "patch", (1, 1, 1))))
+    trained_text = text_encoder if cfg.text.encoder == "bytes" else None
+    frozen_text = None if trained_text is not None else text_encoder.to(device)
+    model = DiffusionObjective(backbone, cfg.diffusion, trained_text, cfg.text.caption_dropout)
+    loader = make_loader(cfg, rank, world)
+
+    found = complete_checkpoints(checkpoints)
+    resume = found[-1] if found else None
+    state = read_trainer_state(resume) if resume else None
+    same_world = state is None or state["world"] == world
+    if resume is not None and not same_world:
+        ensure_universal(resume, rank)
+    micro = (cfg.data.buckets or cfg.data.image_buckets)[0].batch_size
+    engine = build_engine(model, deepspeed_config(cfg.optim, micro, cfg.train.steps, device,
+                                                  load_universal=not same_world))
+    ema = EMA(engine.module, cfg.train.ema_decay, rank)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + rank)  # per-process noise
+    step, nonfinite_total = 0, 0
+    if resume is not None:
+        ema_state = checkpoint_load(resume, engine, rank, generator, same_world)
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
+        if same_world:
+            loader.load_state_dict(state["data"])
+        else:  # another split of the global batch: the data stream cannot continue exactly
+            loader.sampler.batches = state["data"]["sampler"]["batches"]
+        step, nonfinite_total = state["step"], state["nonfinite"]
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    log = RunLog(out, rank, cfg.train.steps, step, cfg.train.tensorboard)
+    if resume is not None:
+        log.message(f"resumed from {resume} at step {step}" + ("" if same_world else
+                    f" (written by {state['world']} processes, now {world}: universal checkpoint)"))
+    log.message(loader.sampler.describe())
+    term, inputs, batches = TermSignal(), Inputs(cfg, vae, frozen_text, device, generator), iter(loader)
+    nonfinite_run, metrics, reported = 0, {}, set()
+
+    def save() -> None:
+        trainer_state = {"step": step, "world": world, "data": loader.state_dict(), "nonfinite": nonfinite_total}
+        checkpoint_save(checkpoints, step, engine, rank, trainer_state, generator, ema.state_dict(),
+                        cfg.train.keep_checkpoints)
+
+    while step < cfg.train.steps:
+        losses, samples = [], 0
+        while len(losses) < cfg.optim.grad_accum:
+            batch = next(batches)
+            loss = engine(**inputs(batch))
+            finite = torch.tensor([float(torch.isfinite(loss).item())])
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # skip on every process or on none
+            if not finite.item():
+                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+                log.message(f"step {step + 1}: non-finite loss, batch skipped ({nonfinite_run} in a row)")
+                if nonfinite_run >= cfg.train.max_nonfinite:
+                    raise Stop(f"{nonfinite_run} non-finite losses in a row at step {step + 1}: stopping; "
+                               f"the last complete checkpoint is in {checkpoints}")
+                continue
+            nonfinite_run = 0
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            samples += len(batch["captions"]) * world
+        step += 1
+        ema.update()
+        mean = torch.stack(losses).mean().reshape(1).cpu()
+        dist.all_reduce(mean)
+        stop = torch.tensor([float(term.received)])
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        metrics = {"loss": mean.item() / world, "lr": engine.get_lr()[0], "nonfinite": nonfinite_total}
+        log.step(step, samples, metrics, write=step % cfg.train.log_every == 0 or step == cfg.train.steps)
+        for path, reason in loader.skipped.items():
+            if path not in reported:
+                reported.add(path)
+                log.message(f"skipped {reason}")
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop.item():
+            save()
+        if stop.item():
+            log.message(f"SIGTERM: checkpoint of step {step} written, exiting")
+            break
+    log.close()
+    if step == cfg.train.steps:
+        path = export_model(out, cfg, engine, ema, rank)
+        if path is not None:
+            log.message(f"exported {path}")
+    return {"step": step, **metrics}
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
     cfg = load_train_config(*config_arguments(argv, "train.py", __doc__.split("\n\n")[0]))
-    metrics = train_vae(cfg)
-    print(f"step {metrics['step']}: loss {metrics['loss']:.4f}, PSNR {metrics['psnr']:.2f} dB; "
-          f"saved to {cfg.out_dir}")
+    if cfg.stage == "vae":
+        metrics = train_vae(cfg)
+        print(f"step {metrics['step']}: loss {metrics['loss']:.4f}, PSNR {metrics['psnr']:.2f} dB; "
+              f"saved to {cfg.out_dir}")
+        return
+    try:
+        train_diffusion(cfg)
+    except Stop as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

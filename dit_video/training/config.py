@@ -1,0 +1,84 @@
+"""The config of a diffusion training run (stages base, tsr, ssr): one YAML file, every key checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import param
+from ..data.buckets import BucketConfig
+from ..diffusion import DiffusionConfig
+from ..text import TextConfig
+from .engine import OptimConfig
+
+
+@dataclass
+class DataConfig:
+    videos: str | None = None  # manifest (JSONL: path, caption, optional fps) of training videos
+    images: str | None = None  # manifest of images for joint image-video training
+    image_ratio: float = param(0.0, ge=0, le=1)  # share of batches that are image batches
+    fps: float | None = param(None, gt=0)  # sample frames at this rate (else every `stride`-th)
+    stride: int = param(1, ge=1)
+    buckets: list[BucketConfig] = field(default_factory=list)  # video shapes (pixels), batch per process
+    image_buckets: list[BucketConfig] = field(default_factory=list)  # frames 1
+    num_workers: int = param(0, ge=0)
+
+    def __post_init__(self):
+        if not self.videos and not self.images:
+            raise ValueError("give data.videos and/or data.images (manifest files)")
+        if bool(self.videos) != bool(self.buckets):
+            raise ValueError("data.videos and data.buckets go together")
+        if bool(self.images) != bool(self.image_buckets):
+            raise ValueError("data.images and data.image_buckets go together")
+
+
+@dataclass
+class CascadeConfig:
+    """A super-resolution stage's input: the video downsampled by these factors, encoded, and
+    upsampled back to the target latent shape; noised during training (conditioning
+    augmentation) at a log-SNR drawn uniformly from `aug_logsnr`, which the backbone is told."""
+
+    spatial: int = param(1, ge=1)
+    temporal: int = param(1, ge=1)
+    aug_logsnr: tuple[float, float] = (0.0, 10.0)
+
+    def __post_init__(self):
+        if self.aug_logsnr[0] > self.aug_logsnr[1]:
+            raise ValueError(f"cascade.aug_logsnr must be (low, high), got {self.aug_logsnr}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = param(1000, ge=1)  # optimizer steps
+    seed: int = 0
+    ema_decay: float = param(0.999, gt=0, lt=1)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = param(500, ge=1)
+    keep_checkpoints: int = param(2, ge=2)
+    log_every: int = param(10, ge=1)
+    tensorboard: bool = True
+    max_nonfinite: int = param(10, ge=1)  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class DiffusionTrainConfig:
+    stage: Literal["base", "tsr", "ssr"]
+    out_dir: str
+    vae: str  # a VAE model folder (from_pretrained)
+    backbone: str | dict  # a backbone config: YAML path or mapping (in/cond/text channels are filled in)
+    data: DataConfig
+    text: TextConfig = field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    cascade: CascadeConfig | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if (self.stage == "base") != (self.cascade is None):
+            raise ValueError("cascade: set it for the tsr and ssr stages, and only for them")
+        if self.cascade is not None:
+            factor = self.cascade.temporal if self.stage == "tsr" else self.cascade.spatial
+            other = self.cascade.spatial if self.stage == "tsr" else self.cascade.temporal
+            if factor < 2 or other != 1:
+                which = "temporal" if self.stage == "tsr" else "spatial"
+                raise ValueError(f"stage {self.stage}: cascade.{which} must be >= 2 and the other factor 1")

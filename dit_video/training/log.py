@@ -1,0 +1,66 @@
+"""What a run shows and keeps, on rank 0: a progress bar with loss, throughput and ETA, and the
+metrics as JSONL (`metrics.jsonl`) and TensorBoard (`tensorboard/`) under the run's folder.
+
+On resume the JSONL is cut back to the checkpoint's step, so that the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, tensorboard: bool = True):
+        self.active = rank == 0
+        self.path = out_dir / "metrics.jsonl"
+        self.bar = self.writer = None
+        if not self.active:
+            return
+        self._truncate(start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        self.last_time, self.samples = time.perf_counter(), 0
+
+    def _truncate(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def step(self, step: int, samples: int, metrics: dict[str, float], write: bool) -> None:
+        """Advance the bar by one optimizer step of `samples` samples (all processes); every
+        `write`, append the metrics with the throughput since the last write."""
+        if not self.active:
+            return
+        self.samples += samples
+        self.bar.update(1)
+        if not write:
+            return
+        now = time.perf_counter()
+        record = {"step": step, **metrics, "samples_per_s": self.samples / max(now - self.last_time, 1e-9)}
+        self.last_time, self.samples = now, 0
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, step)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "samples_per_s", "lr")})
+
+    def message(self, text: str) -> None:
+        if self.active:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            if self.writer is not None:
+                self.writer.close()
