@@ -5,6 +5,7 @@ Noise levels are log-SNR `[B]` tensors everywhere; a denoiser is any callable
 """
 
 from .analytic import GaussianMixture
+from .cascade import augment_condition, downsample_video, sample_augmentation_logsnr, upsample_latent
 from .config import DiffusionConfig, GuidanceConfig, SamplerConfig
 from .guidance import (OscillatingWeight, classifier_free_guidance, dynamic_threshold, dynamic_thresholding,
                        guidance_rescale, guided_denoiser)
@@ -22,4 +23,5 @@ __all__ = [
     "classifier_free_guidance", "OscillatingWeight", "guidance_rescale", "dynamic_threshold",
     "dynamic_thresholding", "guided_denoiser",
     "DiffusionConfig", "SamplerConfig", "GuidanceConfig", "GaussianMixture",
+    "downsample_video", "upsample_latent", "augment_condition", "sample_augmentation_logsnr",
 ]
