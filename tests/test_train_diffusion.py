@@ -1,0 +1,155 @@
+"""train.py for the diffusion stages, run for real: DeepSpeed on CPU with gloo, one or two
+processes under torchrun, a tiny dit on a tiny VAE, synthetic clips plus a corrupt file.
+
+Exactness is checked on the logged losses: a run stopped (SIGKILL) and resumed must log the very
+same losses, step for step, as one that never stopped."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dit_video.data.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Synthetic clips (one of them truncated), an untrained tiny VAE, and a base config."""
+    folder = tmp_path_factory.mktemp("diffusion")
+    generate(folder / "data", "train", count=8, frames=17, size=48)
+    manifest = folder / "data/train/manifest.jsonl"
+    good = (folder / "data/train/00000.mp4").read_bytes()
+    (folder / "data/train/broken.mp4").write_bytes(good[: len(good) // 3])
+    with open(manifest, "a") as f:
+        f.write(json.dumps({"path": "broken.mp4", "caption": "a broken clip"}) + "\n")
+    from vae import VideoVAE
+
+    torch.manual_seed(0)
+    VideoVAE.from_config(ROOT / "configs/vae/tiny.yaml").save_pretrained(folder / "vae")
+    config = yaml.safe_load((ROOT / "configs/base/tiny.yaml").read_text())
+    config.update(vae=str(folder / "vae"), backbone=str(ROOT / "configs/dit/dit_tiny.yaml"))
+    config["data"].update(videos=str(manifest), buckets=[
+        {"frames": 9, "height": 32, "width": 32, "batch_size": 2},
+        {"frames": 17, "height": 32, "width": 48, "batch_size": 1}])
+    config["optim"].update(warmup_steps=2, lr_schedule="cosine")
+    config["train"].update(steps=8, checkpoint_every=3, log_every=1, tensorboard=False)
+    (folder / "base.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def command(setup: Path, out: Path, procs: int, *overrides: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+        if procs > 1 else [sys.executable]
+    return [*launcher, str(ROOT / "train.py"), str(setup / "base.yaml"), f"out_dir={out}", *overrides]
+
+
+def env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run(setup: Path, out: Path, procs: int, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(setup, out, procs, *overrides), env=env(), capture_output=True, text=True,
+                            timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def kill_after_checkpoint(setup: Path, out: Path, procs: int, step: int, *overrides: str) -> None:
+    """Start a run and SIGKILL all its processes as soon as the checkpoint of `step` is complete."""
+    proc = subprocess.Popen(command(setup, out, procs, *overrides), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = out / f"checkpoints/step_{step:08d}/COMPLETE"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_processes_killed_and_resumed_log_the_same_losses(setup, tmp_path, zero):
+    whole = run(setup, tmp_path / "whole", 2, f"optim.zero={zero}")
+    reference = losses(tmp_path / "whole")
+    assert sorted(reference) == list(range(1, 9)) and all(map(lambda v: v == v, reference.values()))
+    assert "broken.mp4" in whole.stderr  # the truncated clip is reported, and the run went on
+    assert (tmp_path / "whole/model/model.safetensors").is_file()
+
+    out = tmp_path / "killed"
+    kill_after_checkpoint(setup, out, 2, 3, f"optim.zero={zero}")
+    resumed = run(setup, out, 2, f"optim.zero={zero}")
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    assert losses(out) == reference
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step_00000006", "step_00000008"]  # the newest two
+    for name in ("model.safetensors", "ema.safetensors"):
+        for key, value in load_file(out / "model" / name).items():
+            torch.testing.assert_close(value, load_file(tmp_path / "whole/model" / name)[key], rtol=0, atol=0)
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_in_use(setup, tmp_path):
+    out = tmp_path / "run"
+    run(setup, out, 2, "train.steps=6")
+    reference = losses(out)
+    checkpoints = out / "checkpoints"
+    # as if killed while writing step 9 (a .tmp folder) and before step 12 was marked complete
+    shutil.copytree(checkpoints / "step_00000006", checkpoints / "step_00000009.tmp")
+    shutil.copytree(checkpoints / "step_00000006", checkpoints / "step_00000012")
+    (checkpoints / "step_00000012/COMPLETE").unlink()
+    state = checkpoints / "step_00000012/ds"
+    for file in state.iterdir():
+        file.write_bytes(file.read_bytes()[:100])
+    result = run(setup, out, 2, "train.steps=8")
+    assert "resumed from" in result.stderr + result.stdout and "step_00000006" in result.stderr + result.stdout
+    assert set(losses(out)) == set(range(1, 9)) and all(losses(out)[s] == reference[s] for s in range(1, 7))
+
+
+def test_resume_with_fewer_processes_goes_through_a_universal_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    run(setup, out, 2, "train.steps=3")
+    result = run(setup, out, 1, "train.steps=5")
+    assert "universal checkpoint" in result.stderr + result.stdout
+    assert (out / "checkpoints/step_00000003/universal").is_dir()
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5]
+    assert all(v == v and abs(v) < 100 for v in losses(out).values())
+
+
+def test_ema_under_zero3_equals_ema_without_zero(setup, tmp_path):
+    for zero in (0, 3):
+        run(setup, tmp_path / f"zero{zero}", 2, f"optim.zero={zero}", "train.steps=4", "train.ema_decay=0.5")
+    ema0, ema3 = (load_file(tmp_path / f"zero{z}/model/ema.safetensors") for z in (0, 3))
+    assert ema0.keys() == ema3.keys() and len(ema0) > 10
+    for key in ema0:
+        torch.testing.assert_close(ema3[key], ema0[key], rtol=1e-5, atol=1e-6)
+    weights = load_file(tmp_path / "zero3/model/model.safetensors")
+    assert any(not torch.equal(weights[f"backbone.{k}"] if f"backbone.{k}" in weights else weights[k], ema3[k])
+               for k in ema3)  # the average is not the last weights
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    # Adam's first step moves every weight by about lr: with 1e30 the next forward overflows
+    result = run(setup, out, 1, "optim.lr=1e30", "optim.warmup_steps=0", "optim.lr_schedule=constant",
+                 "train.checkpoint_every=1", "train.max_nonfinite=3", check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "3 non-finite losses in a row at step 2" in result.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
+    assert (out / "checkpoints/step_00000001/COMPLETE").is_file()
