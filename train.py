@@ -36,7 +36,7 @@ from dit_video.diffusion import augment_condition, downsample_video, sample_augm
 from dit_video.eval.metrics import psnr
 from dit_video.files import atomic_dir
 from dit_video.models import build_backbone
-from dit_video.text import build_text_encoder
+from dit_video.text import build_text_encoder, drop_captions
 from dit_video.training.checkpoint import complete_checkpoints, ensure_universal, read_trainer_state
 from dit_video.training.checkpoint import load as checkpoint_load
 from dit_video.training.checkpoint import save as checkpoint_save
@@ -272,6 +272,8 @@ class Inputs:
             inputs["text"], inputs["text_mask"] = self.frozen_text(batch["captions"])
         else:
             inputs["captions"] = batch["captions"]
+        if self.cfg.text.caption_dropout > 0:
+            inputs["dropped"] = drop_captions(batch["captions"], self.cfg.text.caption_dropout, self.generator)
         cascade = self.cfg.cascade
         if cascade is not None:
             temporal = cascade.temporal if video.shape[2] > 1 else 1  # images have no time to subsample
@@ -317,7 +319,7 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
     check_buckets(cfg, vae, tuple(getattr(backbone.config, "patch", (1, 1, 1))))
     trained_text = text_encoder if cfg.text.encoder == "bytes" else None
     frozen_text = None if trained_text is not None else text_encoder.to(device)
-    model = DiffusionObjective(backbone, cfg.diffusion, trained_text, cfg.text.caption_dropout)
+    model = DiffusionObjective(backbone, cfg.diffusion, trained_text)
     loader = make_loader(cfg, rank, world)
 
     found = complete_checkpoints(checkpoints)

@@ -18,6 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from PIL import Image
+
+from dit_video.data import read_manifest, read_video
 from dit_video.data.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +41,14 @@ def setup(tmp_path_factory):
 
     torch.manual_seed(0)
     VideoVAE.from_config(ROOT / "configs/vae/tiny.yaml").save_pretrained(folder / "vae")
+    images = folder / "images"
+    images.mkdir()
+    lines = []
+    for i, entry in enumerate(read_manifest(manifest)[:4]):  # first frames as images, for joint training
+        frame = ((read_video(entry.path, num_frames=1)[:, 0] + 1) * 127.5).round().byte().permute(1, 2, 0)
+        Image.fromarray(frame.numpy()).save(images / f"{i}.png")
+        lines.append(json.dumps({"path": f"{i}.png", "caption": entry.caption}))
+    (images / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     config = yaml.safe_load((ROOT / "configs/base/tiny.yaml").read_text())
     config.update(vae=str(folder / "vae"), backbone=str(ROOT / "configs/dit/dit_tiny.yaml"))
     config["data"].update(videos=str(manifest), buckets=[
@@ -153,3 +164,45 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(setup, tmp_
     assert "3 non-finite losses in a row at step 2" in result.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
     assert (out / "checkpoints/step_00000001/COMPLETE").is_file()
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(setup, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(setup, out, 1, "train.steps=40", "train.checkpoint_every=2"), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints/step_00000002/COMPLETE").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    last = max(int(p.name[5:]) for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert f"SIGTERM: checkpoint of step {last} written" in output and last < 40
+    assert max(losses(out)) == last
+
+
+@pytest.mark.parametrize("stage, cascade", [("tsr", {"temporal": 2}), ("ssr", {"spatial": 2})])
+def test_super_resolution_stages_train_on_augmented_low_resolution_latents(setup, tmp_path, stage, cascade):
+    out = tmp_path / stage
+    run(setup, out, 1, f"stage={stage}", f"cascade={json.dumps(cascade)}", "train.steps=3",
+        "data.buckets=[{frames: 17, height: 32, width: 32, batch_size: 2}]")
+    assert sorted(losses(out)) == [1, 2, 3]
+    weights = load_file(out / "model/model.safetensors")
+    assert weights["backbone.patch_embed.weight"].shape[1] == 8  # latent and condition, 4 channels each
+
+
+def test_joint_image_video_batches(setup, tmp_path):
+    out = tmp_path / "joint"
+    result = run(setup, out, 1, f"data.images={setup / 'images/manifest.jsonl'}", "data.image_ratio=0.5",
+                 "data.image_buckets=[{frames: 1, height: 32, width: 32, batch_size: 4}]", "train.steps=6")
+    table = [line.split() for line in (result.stdout + result.stderr).splitlines()]
+    assert ["image", "1", "32", "32", "4", "4", "1", "50.0%"] in table  # the bucket table printed at start
+    assert sorted(losses(out)) == list(range(1, 7))
+
+
+def test_bad_config_is_one_line_and_exit_code_2(setup, tmp_path):
+    result = run(setup, tmp_path / "bad", 1, "data.buckets=[{frames: 8, height: 32, width: 32, batch_size: 2}]",
+                 check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.buckets[0]: 8x32x32 does not fit")
+    assert not (tmp_path / "bad").exists()

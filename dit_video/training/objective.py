@@ -15,24 +15,21 @@ from ..diffusion import DiffusionConfig, training_loss
 
 
 class DiffusionObjective(nn.Module):
-    def __init__(self, backbone: nn.Module, diffusion: DiffusionConfig, text_encoder: nn.Module | None = None,
-                 caption_dropout: float = 0.0):
+    def __init__(self, backbone: nn.Module, diffusion: DiffusionConfig, text_encoder: nn.Module | None = None):
         super().__init__()
-        self.backbone, self.text_encoder = backbone, text_encoder
-        self.diffusion, self.caption_dropout = diffusion, caption_dropout
+        self.backbone, self.text_encoder, self.diffusion = backbone, text_encoder, diffusion
 
     def forward(self, latents: torch.Tensor, generator: torch.Generator, captions: list[str] | None = None,
                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                cond: torch.Tensor | None = None, cond_logsnr: torch.Tensor | None = None,
-                is_image: torch.Tensor | None = None) -> torch.Tensor:
+                dropped: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                cond_logsnr: torch.Tensor | None = None, is_image: torch.Tensor | None = None) -> torch.Tensor:
         """The mean loss of a batch. Text comes either as `captions` for the trained text encoder
-        or as already encoded `text` / `text_mask` (a frozen encoder). A caption dropped for
+        or as already encoded `text` / `text_mask` (a frozen encoder). A caption `dropped` for
         classifier-free guidance gets an all-False mask, which the backbone reads as its learned
         null text: exactly what the sampler's unconditional branch sees."""
         if captions is not None:
             text, text_mask = self.text_encoder(captions)
-        if text is not None and self.caption_dropout > 0:
-            dropped = torch.rand(len(text), generator=generator, device=generator.device) < self.caption_dropout
+        if dropped is not None:
             text_mask = text_mask & ~dropped.to(text_mask.device)[:, None]
         loss = training_loss(self.backbone, latents, self.diffusion, generator=generator, text=text,
                              text_mask=text_mask, cond=cond, cond_logsnr=cond_logsnr, is_image=is_image)
