@@ -17,6 +17,7 @@ import glob
 import json
 import random
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -248,11 +249,29 @@ def check_buckets(cfg: DiffusionTrainConfig, vae: VideoVAE, patch: tuple[int, in
 
 def make_loader(cfg: DiffusionTrainConfig, rank: int, world: int) -> Loader:
     data = cfg.data
-    videos = MediaDataset(read_manifest(data.videos), "video", fps=data.fps, stride=data.stride) if data.videos else None
-    images = MediaDataset(read_manifest(data.images), "image") if data.images else None
-    sampler = BucketSampler(len(videos) if videos else 0, len(images) if images else 0, data.buckets,
-                            data.image_buckets, data.image_ratio, seed=cfg.train.seed, rank=rank, world=world)
+    try:
+        videos = MediaDataset(read_manifest(data.videos), "video", fps=data.fps, stride=data.stride) \
+            if data.videos else None
+        images = MediaDataset(read_manifest(data.images), "image") if data.images else None
+        sampler = BucketSampler(len(videos) if videos else 0, len(images) if images else 0, data.buckets,
+                                data.image_buckets, data.image_ratio, seed=cfg.train.seed, rank=rank, world=world)
+    except ValueError as e:  # a bad manifest or bucket set: the user's input
+        raise UsageError(f"data: {e}") from None
     return Loader(videos, images, sampler, num_workers=data.num_workers)
+
+
+def launcher_arguments(argv: list[str]) -> list[str]:
+    """The arguments without `--local_rank`, which the deepspeed launcher appends (it also sets
+    LOCAL_RANK, which is what setup_distributed reads)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--local_rank":
+            skip = True
+        elif not arg.startswith("--local_rank="):
+            kept.append(arg)
+    return kept
 
 
 class Inputs:
@@ -406,6 +425,7 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
+    argv = launcher_arguments(sys.argv[1:] if argv is None else argv)
     cfg = load_train_config(*config_arguments(argv, "train.py", __doc__.split("\n\n")[0]))
     if cfg.stage == "vae":
         metrics = train_vae(cfg)
