@@ -13,6 +13,7 @@ optional 3D patch discriminator, in one process; it has not moved onto the DeepS
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import random
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from dit_video.cli import UsageError, config_arguments, exits_cleanly
 from dit_video.config import ConfigError, from_dict, load_config, param, read_yaml, save_config
-from dit_video.data import BucketSampler, Loader, MediaDataset, read_manifest
+from dit_video.data import BucketConfig, BucketSampler, Loader, MediaDataset, read_manifest
 from dit_video.data.image import read_image
 from dit_video.data.video import VideoError, read_video
 from dit_video.diffusion import augment_condition, downsample_video, sample_augmentation_logsnr, upsample_latent
@@ -46,6 +47,7 @@ from dit_video.training.ema import EMA
 from dit_video.training.engine import build_engine, deepspeed_config, device_for, setup_distributed
 from dit_video.training.log import RunLog
 from dit_video.training.objective import DiffusionObjective
+from dit_video.training.preview import write_preview
 from vae import VAEConfig, VideoVAE
 from vae.losses import (PatchDiscriminator3D, hinge_discriminator_loss, hinge_generator_loss, kl_loss,
                         reconstruction_loss)
@@ -234,7 +236,9 @@ def backbone_config(cfg: DiffusionTrainConfig, vae: VideoVAE, text_dim: int) -> 
 def check_buckets(cfg: DiffusionTrainConfig, vae: VideoVAE, patch: tuple[int, int, int]) -> None:
     """Every bucket must map to whole latent patches (frames 1 + f*k for a causal VAE)."""
     f, s = vae.temporal_factor, vae.spatial_factor
-    for key, buckets in (("data.buckets", cfg.data.buckets), ("data.image_buckets", cfg.data.image_buckets)):
+    preview = [BucketConfig(cfg.preview.frames, cfg.preview.height, cfg.preview.width, 1)] if cfg.preview.every else []
+    for key, buckets in (("data.buckets", cfg.data.buckets), ("data.image_buckets", cfg.data.image_buckets),
+                         ("preview", preview)):
         for i, b in enumerate(buckets):
             frames_ok = (b.frames - 1) % f == 0 and ((b.frames - 1) // f + 1) % patch[0] == 0
             if cfg.cascade and cfg.stage == "tsr" and b.frames > 1:
@@ -347,6 +351,7 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
     same_world = state is None or state["world"] == world
     if resume is not None and not same_world:
         ensure_universal(resume, rank)
+    preview_model = copy.deepcopy(model) if rank == 0 and cfg.preview.every else None  # before ZeRO-3 shards it
     micro = (cfg.data.buckets or cfg.data.image_buckets)[0].batch_size
     engine = build_engine(model, deepspeed_config(cfg.optim, micro, cfg.train.steps, device,
                                                   load_universal=not same_world))
@@ -410,6 +415,10 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
             if path not in reported:
                 reported.add(path)
                 log.message(f"skipped {reason}")
+        if preview_model is not None and step % cfg.preview.every == 0:
+            path = write_preview(out / "samples" / f"step_{step:08d}.mp4", preview_model, ema.state_dict(), vae,
+                                 frozen_text or preview_model.text_encoder, cfg.preview, cfg.diffusion, device)
+            log.message(f"step {step}: sample video {path}")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop.item():
             save()
         if stop.item():

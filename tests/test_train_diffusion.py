@@ -194,10 +194,13 @@ def test_super_resolution_stages_train_on_augmented_low_resolution_latents(setup
 def test_joint_image_video_batches(setup, tmp_path):
     out = tmp_path / "joint"
     result = run(setup, out, 1, f"data.images={setup / 'images/manifest.jsonl'}", "data.image_ratio=0.5",
-                 "data.image_buckets=[{frames: 1, height: 32, width: 32, batch_size: 4}]", "train.steps=6")
+                 "data.image_buckets=[{frames: 1, height: 32, width: 32, batch_size: 4}]", "train.steps=6",
+                 "preview.every=3", 'preview.prompts=["a red circle", "a blue square"]')
     table = [line.split() for line in (result.stdout + result.stderr).splitlines()]
     assert ["image", "1", "32", "32", "4", "4", "1", "50.0%"] in table  # the bucket table printed at start
     assert sorted(losses(out)) == list(range(1, 7))
+    for step in (3, 6):  # sample videos from the EMA weights, the two prompts side by side
+        assert read_video(out / f"samples/step_{step:08d}.mp4").shape == (3, 9, 32, 64)
 
 
 def test_bad_config_is_one_line_and_exit_code_2(setup, tmp_path):

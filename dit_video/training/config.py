@@ -10,6 +10,7 @@ from ..data.buckets import BucketConfig
 from ..diffusion import DiffusionConfig
 from ..text import TextConfig
 from .engine import OptimConfig
+from .preview import PreviewConfig
 
 
 @dataclass
@@ -72,8 +73,12 @@ class DiffusionTrainConfig:
     cascade: CascadeConfig | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
 
     def __post_init__(self):
+        if self.preview.every and self.stage != "base":
+            raise ValueError("preview: sample videos are written by the base stage only (a super-resolution "
+                             "stage needs a low-resolution input)")
         if (self.stage == "base") != (self.cascade is None):
             raise ValueError("cascade: set it for the tsr and ssr stages, and only for them")
         if self.cascade is not None:
