@@ -60,3 +60,10 @@ def test_cascade_stages_need_their_factor():
                  "data.buckets=[{frames: 9, height: 32, width: 48, batch_size: 1}]")
     with pytest.raises(ConfigError, match="spatial factor"):  # 48 is no multiple of 8 x 2 x 2
         check_buckets(cfg, VideoVAE.from_config(ROOT / "configs/vae/tiny.yaml"), (1, 2, 2))
+
+
+def test_the_backbone_can_be_given_inline(vae):
+    cfg = config("backbone={name: unet3d, channels: 16, channel_mult: [1, 2], attention_levels: [1], head_dim: 8}")
+    assert backbone_config(cfg, vae, 32) == {"name": "unet3d", "channels": 16, "channel_mult": [1, 2],
+                                             "attention_levels": [1], "head_dim": 8, "in_channels": 4,
+                                             "text_dim": 32, "cond_channels": 0}

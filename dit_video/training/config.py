@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import param
 from ..data.buckets import BucketConfig
@@ -66,7 +66,7 @@ class DiffusionTrainConfig:
     stage: Literal["base", "tsr", "ssr"]
     out_dir: str
     vae: str  # a VAE model folder (from_pretrained)
-    backbone: str | dict  # a backbone config: YAML path or mapping (in/cond/text channels are filled in)
+    backbone: str | dict[str, Any]  # a backbone config: YAML path or mapping (in/cond/text channels are filled in)
     data: DataConfig
     text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
