@@ -167,8 +167,10 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real_from_ndarray(array, format=format)
 
-    real_from_ndarray = video_module.av.VideoFrame.from_ndarray
-    monkeypatch.setattr(video_module.av.VideoFrame, "from_ndarray", failing_frame)
+    import av
+
+    real_from_ndarray = av.VideoFrame.from_ndarray
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", failing_frame)
     with pytest.raises(RuntimeError, match="disk full"):
         write_video(tmp_path / "out" / "clip.mp4", moving_square())
     assert len(calls) == 3 and list((tmp_path / "out").iterdir()) == []

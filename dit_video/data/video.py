@@ -18,7 +18,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator
 
-import av
 import decord
 import numpy as np
 import torch
@@ -103,6 +102,8 @@ def write_video(path: str | os.PathLike, video: torch.Tensor, fps: float = 8, cr
     height, width = video.shape[-2:]
     video = F.pad(video, (0, width % 2, 0, height % 2), mode="replicate")
     pixels = ((video + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # [T, H, W, 3]
+    import av  # PyAV writes; reading (decord) does not need it
+
     with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
                                       options={"crf": str(crf)})
