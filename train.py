@@ -362,10 +362,7 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
         ema_state = checkpoint_load(resume, engine, rank, generator, same_world)
         if ema_state is not None:
             ema.load_state_dict(ema_state)
-        if same_world:
-            loader.load_state_dict(state["data"])
-        else:  # another split of the global batch: the data stream cannot continue exactly
-            loader.sampler.batches = state["data"]["sampler"]["batches"]
+        loader.load_state_dict(state["data"])  # with another world size the batches split differently
         step, nonfinite_total = state["step"], state["nonfinite"]
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,12 @@ class DiffusionObjective(nn.Module):
             text, text_mask = self.text_encoder(captions)
         if dropped is not None:
             text_mask = text_mask & ~dropped.to(text_mask.device)[:, None]
-        loss = training_loss(self.backbone, latents, self.diffusion, generator=generator, text=text,
-                             text_mask=text_mask, cond=cond, cond_logsnr=cond_logsnr, is_image=is_image)
+        dtype = next(self.backbone.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
+
+        def backbone(z, logsnr, **kwargs):  # targets and loss stay in float32, the network runs in `dtype`
+            return self.backbone(z.to(dtype), logsnr, **kwargs)
+
+        loss = training_loss(backbone, latents.float(), self.diffusion, generator=generator, text=text,
+                             text_mask=text_mask, cond=None if cond is None else cond.to(dtype),
+                             cond_logsnr=cond_logsnr, is_image=is_image)
         return loss.mean()

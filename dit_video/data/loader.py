@@ -1,0 +1,127 @@
+"""Batches of decoded pixels for training: the bucket sampler's keys, decoded in DataLoader workers.
+
+The sampler runs in the main process and hands whole batches of keys to the workers, so the
+stream does not depend on the number of workers, and the loader's state is the sampler's state
+after the last batch given to the caller (not after the batches the workers have prefetched).
+
+A file that cannot be used is replaced by the next files of the same dataset (index + 1,
+index + 2, ...) at the same shape and seed, so a batch keeps its size and the stream stays
+reproducible; the worker sends the bad path and its error back with the batch, and the main
+process records it in `skipped` (path -> the one-line error, which names the file) and logs
+it once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from .buckets import Batch, BucketSampler
+from .dataset import MediaDataset, Shape
+from .video import VideoError
+
+__all__ = ["Loader"]
+
+logger = logging.getLogger(__name__)
+
+
+class Loader:
+    """An infinite iterator of batches `{"video": [B, 3, T, H, W], "captions": [B] str,
+    "is_image": [B] bool, "shape": Shape}` with exact resume through `state_dict`.
+
+    videos, images: the datasets, or None for a kind without data (as in the sampler).
+    num_workers: DataLoader processes that decode (0: this process); the stream is the same for any.
+    max_retries: how many substitutes to try for an unusable file before giving up.
+    """
+
+    def __init__(self, videos: MediaDataset | None, images: MediaDataset | None, sampler: BucketSampler,
+                 num_workers: int = 0, max_retries: int = 8):
+        for kind, dataset in (("video", videos), ("image", images)):
+            if dataset is not None and dataset.kind != kind:
+                raise ValueError(f"the {kind} dataset holds {dataset.kind}s")
+            if (len(dataset) if dataset is not None else 0) != sampler.counts[kind]:
+                raise ValueError(f"the sampler expects {sampler.counts[kind]} {kind}s, the dataset has "
+                                 f"{len(dataset) if dataset is not None else 'none'}")
+        if num_workers < 0 or max_retries < 0:
+            raise ValueError(f"need num_workers >= 0 and max_retries >= 0, got {num_workers}, {max_retries}")
+        self.reader = _Reader(videos, images, max_retries)
+        self.sampler, self.num_workers = sampler, num_workers
+        self.skipped: dict[str, str] = {}
+        self._state: dict | None = None  # the sampler's state after the last batch yielded; None: none yet
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches from the last one yielded on (an earlier iteration's prefetched batches are redrawn)."""
+        if self._state is not None:
+            self.sampler.load_state_dict(self._state)
+        drawn = collections.deque()  # the sampler's state after each batch sent to the workers
+
+        def batches() -> Iterator[Batch]:
+            for batch in self.sampler:
+                drawn.append(self.sampler.state_dict())
+                yield batch
+
+        loader = DataLoader(self.reader, sampler=batches(), batch_size=None, collate_fn=_unchanged,
+                            num_workers=self.num_workers)
+        for out in loader:
+            self._state = drawn.popleft()
+            for path, error in out.pop("skipped").items():
+                if path not in self.skipped:
+                    self.skipped[path] = error
+                    logger.warning("skipped %s", error)
+            if "error" in out:
+                raise RuntimeError(out["error"])
+            yield out
+
+    def state_dict(self) -> dict:
+        """Valid for any rank and world size, like the sampler's (see BucketSampler.state_dict)."""
+        return {"sampler": self._state if self._state is not None else self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the last batch yielded before `state` was taken; nothing is decoded."""
+        self.sampler.load_state_dict(state["sampler"])
+        self._state = None
+
+
+def _unchanged(batch: dict) -> dict:
+    """The reader returns whole batches: nothing is left to collate."""
+    return batch
+
+
+class _Reader(torch.utils.data.Dataset):
+    """The worker side: one `Batch` of keys in, one batch of pixels (and the files skipped) out."""
+
+    def __init__(self, videos: MediaDataset | None, images: MediaDataset | None, max_retries: int):
+        self.datasets = {"video": videos, "image": images}
+        self.max_retries = max_retries
+
+    def __getitem__(self, batch: Batch) -> dict:
+        dataset = self.datasets[batch.kind]
+        skipped: dict[str, str] = {}
+        items = []
+        for index, shape, seed in batch.keys:
+            item = self._read(dataset, index, shape, seed, skipped)
+            if isinstance(item, str):  # an error travels as data, so it reaches the caller as one line
+                return {"skipped": skipped, "error": item}
+            items.append(item)
+        return {"video": torch.stack([item["video"] for item in items]),
+                "captions": [item["caption"] for item in items],
+                "is_image": torch.full((len(items),), batch.kind == "image"),
+                "shape": batch.shape, "skipped": skipped}
+
+    def _read(self, dataset: MediaDataset, index: int, shape: Shape, seed: int, skipped: dict[str, str]) -> dict | str:
+        """The item at `index`, or the first usable one after it; a message if there is none."""
+        tried = []
+        for offset in range(min(self.max_retries + 1, len(dataset))):
+            substitute = (index + offset) % len(dataset)
+            try:
+                return dataset[substitute, shape, seed]
+            except VideoError as e:
+                path = str(dataset.entries[substitute].path)
+                skipped[path] = str(e)
+                tried.append(path)
+        return (f"no usable file among {', '.join(tried)} (index {index} and {len(tried) - 1} substitutes "
+                f"at {shape.frames}x{shape.height}x{shape.width})")
