@@ -386,7 +386,7 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
         while len(losses) < cfg.optim.grad_accum:
             batch = next(batches)
             loss = engine(**inputs(batch))
-            finite = torch.tensor([float(torch.isfinite(loss).item())])
+            finite = torch.isfinite(loss.detach()).float().reshape(1)  # on the device: nccl reduces CUDA tensors
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # skip on every process or on none
             if not finite.item():
                 nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
@@ -402,9 +402,9 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
             samples += len(batch["captions"]) * world
         step += 1
         ema.update()
-        mean = torch.stack(losses).mean().reshape(1).cpu()
+        mean = torch.stack(losses).mean().reshape(1)
         dist.all_reduce(mean)
-        stop = torch.tensor([float(term.received)])
+        stop = torch.tensor([float(term.received)], device=device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         metrics = {"loss": mean.item() / world, "lr": engine.get_lr()[0], "nonfinite": nonfinite_total}
         log.step(step, samples, metrics, write=step % cfg.train.log_every == 0 or step == cfg.train.steps)
