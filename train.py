@@ -426,6 +426,7 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
         path = export_model(out, cfg, engine, ema, rank)
         if path is not None:
             log.message(f"exported {path}")
+    dist.destroy_process_group()
     return {"step": step, **metrics}
 
 
