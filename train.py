@@ -33,6 +33,7 @@ from dit_video.cli import UsageError, config_arguments, exits_cleanly
 from dit_video.config import ConfigError, from_dict, load_config, param, read_yaml, save_config
 from dit_video.data import BucketConfig, BucketSampler, Loader, MediaDataset, read_manifest
 from dit_video.data.image import read_image
+from dit_video.data.latent_cache import LatentDataset
 from dit_video.data.video import VideoError, read_video
 from dit_video.diffusion import augment_condition, downsample_video, sample_augmentation_logsnr, upsample_latent
 from dit_video.eval.metrics import psnr
@@ -254,8 +255,12 @@ def check_buckets(cfg: DiffusionTrainConfig, vae: VideoVAE, patch: tuple[int, in
 def make_loader(cfg: DiffusionTrainConfig, rank: int, world: int) -> Loader:
     data = cfg.data
     try:
-        videos = MediaDataset(read_manifest(data.videos), "video", fps=data.fps, stride=data.stride) \
-            if data.videos else None
+        if data.latents:
+            videos = LatentDataset(data.latents)
+            videos.check_vae(cfg.vae)
+        else:
+            videos = MediaDataset(read_manifest(data.videos), "video", fps=data.fps, stride=data.stride) \
+                if data.videos else None
         images = MediaDataset(read_manifest(data.images), "image") if data.images else None
         sampler = BucketSampler(len(videos) if videos else 0, len(images) if images else 0, data.buckets,
                                 data.image_buckets, data.image_ratio, seed=cfg.train.seed, rank=rank, world=world)
@@ -288,9 +293,13 @@ class Inputs:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        video = batch["video"].to(self.device)
         is_image = batch["is_image"].to(self.device)
-        inputs = {"latents": self.vae.encode(video), "is_image": is_image, "generator": self.generator}
+        if "latents" in batch:  # from a latent cache
+            latents = batch["latents"].to(self.device)
+        else:
+            video = batch["video"].to(self.device)
+            latents = self.vae.encode(video)
+        inputs = {"latents": latents, "is_image": is_image, "generator": self.generator}
         if self.frozen_text is not None:
             inputs["text"], inputs["text_mask"] = self.frozen_text(batch["captions"])
         else:

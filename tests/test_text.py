@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+from tiny_t5 import write_tiny_t5
 
 from dit_video.config import ConfigError, from_dict
 from dit_video.text import (BOS, EOS, PAD, ByteTextEncoder, T5TextEncoder, TextConfig, build_text_encoder,
@@ -91,23 +92,8 @@ def test_config_errors():
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-    """A randomly initialized 2-layer T5 encoder (d_model 32) with a word-level tokenizer."""
     pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    path = tmp_path_factory.mktemp("t5")
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(CAPTIONS, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
-    config = T5Config(vocab_size=tok.get_vocab_size(), d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    torch.manual_seed(0)
-    T5EncoderModel(config).save_pretrained(path)
-    return path
+    return write_tiny_t5(tmp_path_factory.mktemp("t5"), CAPTIONS)
 
 
 def test_t5_encoder_matches_the_model_and_is_frozen(t5_dir):

@@ -1,4 +1,6 @@
 """Batches of decoded pixels for training: the bucket sampler's keys, decoded in DataLoader workers.
+With a LatentDataset (see latent_cache.py) in place of the video dataset, video batches carry
+cached VAE latents instead of pixels; everything else is the same.
 
 The sampler runs in the main process and hands whole batches of keys to the workers, so the
 stream does not depend on the number of workers, and the loader's state is the sampler's state
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,6 +25,9 @@ from torch.utils.data import DataLoader
 from .buckets import Batch, BucketSampler
 from .dataset import MediaDataset, Shape
 from .video import VideoError
+
+if TYPE_CHECKING:  # not imported at run time, so that `python -m dit_video.data.latent_cache` runs it cleanly
+    from .latent_cache import LatentDataset
 
 __all__ = ["Loader"]
 
@@ -33,19 +38,28 @@ class Loader:
     """An infinite iterator of batches `{"video": [B, 3, T, H, W], "captions": [B] str,
     "is_image": [B] bool, "shape": Shape}` with exact resume through `state_dict`.
 
-    videos, images: the datasets, or None for a kind without data (as in the sampler).
+    videos, images: the datasets, or None for a kind without data (as in the sampler). With a
+        LatentDataset for the videos, video batches hold `"latents": [B, C, t, h, w]` in place
+        of "video", and every video bucket must be one of its cached shapes.
     num_workers: DataLoader processes that decode (0: this process); the stream is the same for any.
     max_retries: how many substitutes to try for an unusable file before giving up.
     """
 
-    def __init__(self, videos: MediaDataset | None, images: MediaDataset | None, sampler: BucketSampler,
-                 num_workers: int = 0, max_retries: int = 8):
+    def __init__(self, videos: MediaDataset | LatentDataset | None, images: MediaDataset | None,
+                 sampler: BucketSampler, num_workers: int = 0, max_retries: int = 8):
         for kind, dataset in (("video", videos), ("image", images)):
             if dataset is not None and dataset.kind != kind:
                 raise ValueError(f"the {kind} dataset holds {dataset.kind}s")
             if (len(dataset) if dataset is not None else 0) != sampler.counts[kind]:
                 raise ValueError(f"the sampler expects {sampler.counts[kind]} {kind}s, the dataset has "
                                  f"{len(dataset) if dataset is not None else 'none'}")
+        cached = getattr(videos, "shapes", None)  # a LatentDataset holds its shapes only
+        if cached is not None:
+            missing = [f"{b.frames}x{b.height}x{b.width}" for b in sampler.buckets["video"]
+                       if Shape(b.frames, b.height, b.width) not in cached]
+            if missing:
+                raise ValueError(f"video buckets {', '.join(missing)} are not in the latent cache, which holds "
+                                 f"{', '.join(f'{s.frames}x{s.height}x{s.width}' for s in cached)}")
         if num_workers < 0 or max_retries < 0:
             raise ValueError(f"need num_workers >= 0 and max_retries >= 0, got {num_workers}, {max_retries}")
         self.reader = _Reader(videos, images, max_retries)
@@ -92,9 +106,9 @@ def _unchanged(batch: dict) -> dict:
 
 
 class _Reader(torch.utils.data.Dataset):
-    """The worker side: one `Batch` of keys in, one batch of pixels (and the files skipped) out."""
+    """The worker side: one `Batch` of keys in, one batch of pixels or latents (and the files skipped) out."""
 
-    def __init__(self, videos: MediaDataset | None, images: MediaDataset | None, max_retries: int):
+    def __init__(self, videos: MediaDataset | LatentDataset | None, images: MediaDataset | None, max_retries: int):
         self.datasets = {"video": videos, "image": images}
         self.max_retries = max_retries
 
@@ -107,12 +121,16 @@ class _Reader(torch.utils.data.Dataset):
             if isinstance(item, str):  # an error travels as data, so it reaches the caller as one line
                 return {"skipped": skipped, "error": item}
             items.append(item)
-        return {"video": torch.stack([item["video"] for item in items]),
-                "captions": [item["caption"] for item in items],
+        if "latent" in items[0]:  # from a LatentDataset: the VAE has already run
+            data = {"latents": torch.stack([item["latent"] for item in items])}
+        else:
+            data = {"video": torch.stack([item["video"] for item in items])}
+        return {**data, "captions": [item["caption"] for item in items],
                 "is_image": torch.full((len(items),), batch.kind == "image"),
                 "shape": batch.shape, "skipped": skipped}
 
-    def _read(self, dataset: MediaDataset, index: int, shape: Shape, seed: int, skipped: dict[str, str]) -> dict | str:
+    def _read(self, dataset: MediaDataset | LatentDataset, index: int, shape: Shape, seed: int,
+              skipped: dict[str, str]) -> dict | str:
         """The item at `index`, or the first usable one after it; a message if there is none."""
         tried = []
         for offset in range(min(self.max_retries + 1, len(dataset))):

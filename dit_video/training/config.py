@@ -16,6 +16,7 @@ from .preview import PreviewConfig
 @dataclass
 class DataConfig:
     videos: str | None = None  # manifest (JSONL: path, caption, optional fps) of training videos
+    latents: str | None = None  # or a latent cache of them (python -m dit_video.data.latent_cache)
     images: str | None = None  # manifest of images for joint image-video training
     image_ratio: float = param(0.0, ge=0, le=1)  # share of batches that are image batches
     fps: float | None = param(None, gt=0)  # sample frames at this rate (else every `stride`-th)
@@ -25,10 +26,14 @@ class DataConfig:
     num_workers: int = param(0, ge=0)
 
     def __post_init__(self):
-        if not self.videos and not self.images:
-            raise ValueError("give data.videos and/or data.images (manifest files)")
-        if bool(self.videos) != bool(self.buckets):
-            raise ValueError("data.videos and data.buckets go together")
+        if self.videos and self.latents:
+            raise ValueError("data.videos and data.latents are two sources of the same clips: give one")
+        if self.latents and (self.fps is not None or self.stride != 1):
+            raise ValueError("data.fps and data.stride were fixed when the latent cache was made")
+        if not (self.videos or self.latents or self.images):
+            raise ValueError("give data.videos (or data.latents) and/or data.images")
+        if bool(self.videos or self.latents) != bool(self.buckets):
+            raise ValueError("data.videos (or data.latents) and data.buckets go together")
         if bool(self.images) != bool(self.image_buckets):
             raise ValueError("data.images and data.image_buckets go together")
 
@@ -76,6 +81,8 @@ class DiffusionTrainConfig:
     preview: PreviewConfig = field(default_factory=PreviewConfig)
 
     def __post_init__(self):
+        if self.data.latents and self.stage != "base":
+            raise ValueError("data.latents: the cascade stages need pixels (to downsample), not cached latents")
         if self.preview.every and self.stage != "base":
             raise ValueError("preview: sample videos are written by the base stage only (a super-resolution "
                              "stage needs a low-resolution input)")
