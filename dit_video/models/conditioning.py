@@ -35,13 +35,14 @@ class Conditioning(nn.Module):
         if text is None:
             text, text_mask = self.null_text.expand(batch, 1, -1), None
         mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if text_mask is None else text_mask
-        empty = ~mask.any(dim=1)
-        if empty.any():  # a caption dropped for guidance: the null text in its first slot, as with no text
-            first = torch.zeros_like(mask)
-            first[:, 0] = True
-            slot = empty[:, None] & first
-            text = torch.where(slot[..., None], self.null_text.to(text.dtype), text)
-            mask = mask | slot
+        # A caption dropped for guidance (all-False mask) gets the null text in its first slot, as with
+        # no text. Always in the graph, even when nothing is dropped: every process must produce the
+        # same gradients, or ZeRO-3's reductions go out of step.
+        first = torch.zeros_like(mask)
+        first[:, 0] = True
+        slot = ~mask.any(dim=1, keepdim=True) & first
+        text = torch.where(slot[..., None], self.null_text.to(text.dtype), text)
+        mask = mask | slot
         context = self.text_proj(text.to(dtype))
         pooled = (context * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return c + self.text_pool(pooled), context, mask
