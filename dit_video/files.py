@@ -19,9 +19,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output gets the usual mode
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make files private; give the usual mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,6 +47,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
+                os.chmod(file, 0o666 & ~_umask())
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
         old = None
