@@ -85,7 +85,8 @@ def measure(arm: str, args, frames: int) -> tuple[float, int]:
     z = torch.randn(args.batch, 4, frames, args.size, args.size, device=device, dtype=dtype)
     text = torch.randn(args.batch, TEXT_LEN, TEXT_DIM, device=device, dtype=dtype)
     if arm == "latte":
-        step_inputs = dict(hidden_states=z, timestep=torch.full((args.batch,), 500, device=device), encoder_hidden_states=text)
+        step_inputs = dict(hidden_states=z, timestep=torch.full((args.batch,), 500, device=device),
+                           encoder_hidden_states=text)
         forward = lambda: model(**step_inputs).sample  # noqa: E731
     else:
         forward = lambda: model(z, torch.zeros(args.batch, device=device), text=text)  # noqa: E731
@@ -166,7 +167,8 @@ def main() -> None:
             with torch.device("meta"):  # counting needs the shapes only, not a second real model
                 model = build(arm, args, frames)
             tokens = args.batch * frames * (args.size // 2) ** 2
-            flops = count_flops(model, (args.batch, 4, frames, args.size, args.size), TEXT_LEN) if arm != "latte" else None
+            shape = (args.batch, 4, frames, args.size, args.size)
+            flops = count_flops(model, shape, TEXT_LEN) if arm != "latte" else None
             row = {"arm": arm, "frames": frames, "tokens": tokens, "parameters": count_parameters(model),
                    "step_s": seconds, "tokens_per_s": tokens / seconds, "forward_gflop": flops and flops / 1e9,
                    "peak_mib": peak / 2**20,
@@ -186,7 +188,8 @@ def main() -> None:
     result = {"machine": machine(args.device), "torch": torch.__version__, "dtype": args.dtype,
               "attention": resolve_backend(torch.device(args.device)) if args.attention == "auto" else args.attention,
               "matmul_peak_tflops": peak_flops and peak_flops / 1e12,
-              "batch": args.batch, "width": args.width, "depth": args.depth, "heads": args.heads, "latent_size": args.size,
+              "batch": args.batch, "width": args.width, "depth": args.depth, "heads": args.heads,
+              "latent_size": args.size,
               "unet3d_config": dict(unet_config(args).__dict__), "rows": rows, "dit_over_latte_step_time": ratios}
     suffix = "cuda" if args.device.startswith("cuda") else "cpu"
     out = Path(args.out or ROOT / f"bench/results/backbones_{suffix}.json")

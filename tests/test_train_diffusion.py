@@ -219,7 +219,8 @@ def test_training_from_a_latent_cache_matches_training_from_videos(setup, tmp_pa
     clean.write_text("".join(line + "\n" for line in manifest.read_text().splitlines() if "broken" not in line))
     cache_latents(clean, setup / "vae", [Shape(17, 32, 32)], tmp_path / "cache", progress=False)
     run(setup, tmp_path / "videos", 1, bucket, "train.steps=4", f"data.videos={clean}")
-    run(setup, tmp_path / "cached", 1, bucket, "train.steps=4", "data.videos=null", f"data.latents={tmp_path / 'cache'}")
+    run(setup, tmp_path / "cached", 1, bucket, "train.steps=4", "data.videos=null",
+        f"data.latents={tmp_path / 'cache'}")
     from_videos, from_cache = losses(tmp_path / "videos"), losses(tmp_path / "cached")
     assert sorted(from_cache) == [1, 2, 3, 4]
     for step in from_videos:  # the VAE's CPU kernels round differently with the batch size
