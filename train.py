@@ -362,8 +362,11 @@ def train_diffusion(cfg: DiffusionTrainConfig) -> dict:
         ensure_universal(resume, rank)
     preview_model = copy.deepcopy(model) if rank == 0 and cfg.preview.every else None  # before ZeRO-3 shards it
     micro = (cfg.data.buckets or cfg.data.image_buckets)[0].batch_size
-    engine = build_engine(model, deepspeed_config(cfg.optim, micro, cfg.train.steps, device,
-                                                  load_universal=not same_world))
+    try:
+        ds_config = deepspeed_config(cfg.optim, micro, cfg.train.steps, device, load_universal=not same_world)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    engine = build_engine(model, ds_config)
     ema = EMA(engine.module, cfg.train.ema_decay, rank)
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + rank)  # per-process noise
     step, nonfinite_total = 0, 0

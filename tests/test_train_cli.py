@@ -67,3 +67,29 @@ def test_the_backbone_can_be_given_inline(vae):
     assert backbone_config(cfg, vae, 32) == {"name": "unet3d", "channels": 16, "channel_mult": [1, 2],
                                              "attention_levels": [1], "head_dim": 8, "in_channels": 4,
                                              "text_dim": 32, "cond_channels": 0}
+
+
+def test_the_deepspeed_config_joins_a_ready_zero_file_and_the_run_settings(tmp_path):
+    from dit_video.training.engine import OptimConfig, deepspeed_config
+
+    cpu = torch.device("cpu")
+    ds = deepspeed_config(OptimConfig(zero=2, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, warmup_steps=10,
+                                      lr_schedule="cosine", min_lr_ratio=0.2, grad_accum=4, grad_clip=0.5),
+                          micro_batch=3, total_steps=100, device=cpu)
+    assert ds["zero_optimization"]["stage"] == 2 and "overlap_comm" not in ds["zero_optimization"]  # CPU
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == \
+        (3, 4, 0.5)
+    assert ds["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.01, "torch_adam": True}
+    assert ds["scheduler"] == {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": 100, "warmup_num_steps": 10, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.2,
+        "warmup_type": "linear"}}
+    assert not ds["bf16"]["enabled"] and not ds["checkpoint"]["load_universal"]
+    assert "scheduler" not in deepspeed_config(OptimConfig(), 1, 10, cpu)  # constant lr, no warmup
+    custom = tmp_path / "mine.json"
+    custom.write_text('{"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}')
+    assert deepspeed_config(OptimConfig(deepspeed=str(custom)), 1, 10, cpu)["zero_optimization"] == \
+        {"stage": 1, "reduce_bucket_size": 1000}
+    with pytest.raises(ValueError, match="bf16 needs a CUDA device"):
+        deepspeed_config(OptimConfig(precision="bf16"), 1, 10, cpu)
+    with pytest.raises(ValueError, match="cannot read"):
+        deepspeed_config(OptimConfig(deepspeed=str(tmp_path / "none.json")), 1, 10, cpu)
