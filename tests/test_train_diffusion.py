@@ -283,3 +283,18 @@ def test_a_short_training_clearly_lowers_the_loss(setup, tmp_path):
                               for net in (model.backbone, lambda z, logsnr, **_: torch.zeros_like(z)))
     trained, untrained = torch.stack(trained).mean().item(), torch.stack(untrained).mean().item()
     assert trained < 0.85 * untrained, (trained, untrained)  # measured: 0.74 against 0.99
+
+
+def test_the_deepspeed_launcher_runs_the_same_training_as_torchrun(setup, tmp_path):
+    import socket
+
+    run(setup, tmp_path / "torchrun", 2, "train.steps=3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port)]
+    command = [*launcher, str(ROOT / "train.py"), str(setup / "base.yaml"), f"out_dir={tmp_path / 'deepspeed'}",
+               "train.steps=3"]  # the launcher adds --local_rank, which train.py accepts
+    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert losses(tmp_path / "deepspeed") == losses(tmp_path / "torchrun")
