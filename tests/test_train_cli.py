@@ -7,7 +7,8 @@ import torch
 
 from dit_video.config import ConfigError, load_config
 from dit_video.training.config import DiffusionTrainConfig
-from train import backbone_config, check_buckets, launcher_arguments
+from dit_video.training.diffusion import backbone_config, check_buckets
+from train import launcher_arguments
 from vae import VideoVAE
 
 ROOT = Path(__file__).resolve().parents[1]
