@@ -7,7 +7,7 @@ import torch
 
 from dit_video.config import ConfigError, load_config
 from dit_video.training.config import DiffusionTrainConfig
-from dit_video.training.diffusion import backbone_config, check_buckets
+from dit_video.training.stages import backbone_config, check_buckets
 from train import launcher_arguments
 from vae import VideoVAE
 

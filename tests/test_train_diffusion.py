@@ -263,7 +263,7 @@ def test_a_short_training_clearly_lowers_the_loss(setup, tmp_path):
     from dit_video.text import build_text_encoder
     from dit_video.training.config import DiffusionTrainConfig
     from dit_video.training.objective import DiffusionObjective
-    from dit_video.training.diffusion import backbone_config
+    from dit_video.training.stages import backbone_config
     from vae import VideoVAE
 
     out = tmp_path / "run"

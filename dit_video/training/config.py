@@ -1,4 +1,5 @@
-"""The config of a diffusion training run (stages base, tsr, ssr): one YAML file, every key checked."""
+"""The config of a training run, one YAML file with every key checked: the diffusion stages (base,
+tsr, ssr) and the VAE stage share the data, optimization and run sections."""
 
 from __future__ import annotations
 
@@ -94,3 +95,30 @@ class DiffusionTrainConfig:
             if factor < 2 or other != 1:
                 which = "temporal" if self.stage == "tsr" else "spatial"
                 raise ValueError(f"stage {self.stage}: cascade.{which} must be >= 2 and the other factor 1")
+
+
+@dataclass
+class VAELossConfig:
+    kl_weight: float = param(1e-6, ge=0)
+    l1_weight: float = param(1.0, ge=0)
+    l2_weight: float = param(1.0, ge=0)
+    discriminator_start: int | None = param(None, ge=0)  # step after which the GAN losses count; None: no GAN
+    discriminator_weight: float = param(0.1, ge=0)
+
+
+@dataclass
+class VAETrainConfig:
+    stage: Literal["vae"]
+    model: str  # a VAE model config (YAML), e.g. configs/vae/tiny.yaml
+    out_dir: str
+    data: DataConfig
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.data.latents:
+            raise ValueError("data.latents: the VAE trains on pixels")
+        if self.loss.discriminator_start is not None and self.optim.zero == 3:
+            raise ValueError("loss.discriminator_start: the GAN losses need optim.zero <= 2 (its generator term "
+                             "reads the discriminator's weights whole)")

@@ -1,5 +1,7 @@
-"""What the DeepSpeed engine trains in the diffusion stages: the backbone and, when it learns
-with the model, the byte-level text encoder, behind one forward that returns the loss.
+"""What the DeepSpeed engine trains: per stage, the trainable modules behind one forward that
+returns the loss (and the metrics to log). In the diffusion stages, the backbone and, when it
+learns with the model, the byte-level text encoder; in the vae stage, the VAE and its
+discriminator.
 
 Everything random in a step (noise level, noise, caption dropout) is drawn from the loop's
 generator, whose state is checkpointed, so a resumed run repeats the same steps exactly. The
@@ -10,8 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.func import functional_call
+
+from vae.losses import hinge_discriminator_loss, hinge_generator_loss, kl_loss, reconstruction_loss
 
 from ..diffusion import DiffusionConfig, training_loss
+from ..eval.metrics import psnr
 
 
 class DiffusionObjective(nn.Module):
@@ -22,7 +28,7 @@ class DiffusionObjective(nn.Module):
     def forward(self, latents: torch.Tensor, generator: torch.Generator, captions: list[str] | None = None,
                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
                 dropped: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                cond_logsnr: torch.Tensor | None = None, is_image: torch.Tensor | None = None) -> torch.Tensor:
+                cond_logsnr: torch.Tensor | None = None, is_image: torch.Tensor | None = None) -> dict:
         """The mean loss of a batch. Text comes either as `captions` for the trained text encoder
         or as already encoded `text` / `text_mask` (a frozen encoder). A caption `dropped` for
         classifier-free guidance gets an all-False mask, which the backbone reads as its learned
@@ -39,4 +45,39 @@ class DiffusionObjective(nn.Module):
         loss = training_loss(backbone, latents.float(), self.diffusion, generator=generator, text=text,
                              text_mask=text_mask, cond=None if cond is None else cond.to(dtype),
                              cond_logsnr=cond_logsnr, is_image=is_image)
-        return loss.mean()
+        return {"loss": loss.mean()}
+
+
+class VAEObjective(nn.Module):
+    """What the engine trains in the `vae` stage: L1 + L2 reconstruction, a small KL term and,
+    with a discriminator, the hinge GAN losses of both players in one backward pass. The VAE's
+    adversarial term sees the discriminator's weights detached (so it moves only the VAE), the
+    discriminator's loss sees the reconstruction detached (so it moves only the discriminator);
+    one optimizer then steps both. Before `adversarial` is on, both terms are weighted 0 but
+    stay in the graph, so every process has gradients for the same parameters."""
+
+    def __init__(self, vae: nn.Module, kl_weight: float, l1_weight: float, l2_weight: float,
+                 discriminator: nn.Module | None = None, discriminator_weight: float = 0.0):
+        super().__init__()
+        self.vae, self.discriminator = vae, discriminator
+        self.kl_weight, self.l1_weight, self.l2_weight = kl_weight, l1_weight, l2_weight
+        self.discriminator_weight = discriminator_weight
+
+    def forward(self, video: torch.Tensor, generator: torch.Generator, adversarial: bool = False) -> dict:
+        x_hat, mean, logvar = self.vae(video.to(next(self.vae.parameters()).dtype), generator=generator)
+        x_hat = x_hat.float()
+        rec = reconstruction_loss(video, x_hat, self.l1_weight, self.l2_weight)
+        kl = kl_loss(mean.float(), logvar.float())
+        loss = rec + self.kl_weight * kl
+        out = {"reconstruction": rec.detach(), "kl": kl.detach(),
+               "psnr": psnr(x_hat.detach().clamp(-1, 1), video).mean()}
+        if self.discriminator is not None:
+            dtype = next(self.discriminator.parameters()).dtype
+            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+            fooled = hinge_generator_loss(functional_call(self.discriminator, frozen, (x_hat.to(dtype),)).float())
+            judged = hinge_discriminator_loss(self.discriminator(video.to(dtype)).float(),
+                                              self.discriminator(x_hat.detach().to(dtype)).float())
+            on = 1.0 if adversarial else 0.0
+            loss = loss + on * (self.discriminator_weight * fooled + judged)
+            out.update(adversarial=fooled.detach(), discriminator=judged.detach())
+        return {"loss": loss, **out}
