@@ -80,6 +80,8 @@ def test_train_config_errors(tmp_path):
         load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["train.stpes=3"])
     with pytest.raises(ConfigError, match=r"GAN losses need optim.zero <= 2"):
         load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["optim.zero=3"])
+    with pytest.raises(ConfigError, match=r"the VAE has no checkpointed blocks"):
+        load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["train.gradient_checkpointing=true"])
     cfg = load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["train.steps=7"])
     assert cfg.train.steps == 7 and cfg.data.buckets[0].frames == 9
 

@@ -119,6 +119,8 @@ class VAETrainConfig:
     def __post_init__(self):
         if self.data.latents:
             raise ValueError("data.latents: the VAE trains on pixels")
+        if self.train.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing: the VAE has no checkpointed blocks")
         if self.loss.discriminator_start is not None and self.optim.zero == 3:
             raise ValueError("loss.discriminator_start: the GAN losses need optim.zero <= 2 (its generator term "
                              "reads the discriminator's weights whole)")
