@@ -61,7 +61,7 @@ def test_a_short_run_with_the_discriminator_exports_a_loadable_model(clips, tmp_
     lines = [json.loads(line) for line in (tmp_path / "m/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert all(set(m) >= {"loss", "reconstruction", "kl", "psnr", "adversarial", "discriminator"} for m in lines)
-    # the GAN terms join the loss from step 2 (after 2 optimizer steps the loop is at step index 2)
+    # the GAN terms join the loss once 2 steps are done (discriminator_start=2): from logged step 3 on
     gap = [m["loss"] - m["reconstruction"] - 1e-6 * m["kl"] for m in lines]
     assert abs(gap[0]) < 1e-5 and abs(gap[1]) < 1e-5 and abs(gap[2]) > 1e-3
     vae = VideoVAE.from_pretrained(tmp_path / "m/model")
