@@ -89,7 +89,7 @@ def check_sampler_args(sampler: str, steps: int, eta: float = 0.0, gamma: float 
 def sample(denoiser: Denoiser, z: torch.Tensor, *, sampler: Sampler = "ddim", steps: int = 50,
            schedule: CosineSchedule | None = None, eta: float = 0.0, gamma: float = 0.0,
            corrector_steps: int = 1, delta: float = 0.1, generator: torch.Generator | None = None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool | str = False) -> torch.Tensor:
     """Run `sampler` from the noise `z` ([B, ...], any shape) and return the final x_hat.
 
     sampler: "ddim" (eta: 0 deterministic, 1 ancestral-equivalent), "ancestral" (gamma in [0, 1]
@@ -98,6 +98,7 @@ def sample(denoiser: Denoiser, z: torch.Tensor, *, sampler: Sampler = "ddim", st
     steps: denoiser evaluations of the predictor, on a grid uniform in t over `schedule`
         (default: the cosine schedule over log-SNR [-20, 20]).
     generator: the source of the sampler's own noise, for reproducible stochastic samplers.
+    progress: show a progress bar over the steps; a string names it (e.g. the stage).
 
     The state is kept in at least float32 whatever z's dtype; the denoiser is called with z in
     the dtype given and a `[B]` log-SNR, and the result comes back in that dtype.
@@ -122,7 +123,8 @@ def sample(denoiser: Denoiser, z: torch.Tensor, *, sampler: Sampler = "ddim", st
         return torch.randn(z.shape, generator=generator, device=device).to(device=z.device, dtype=work)
 
     z = z.to(work)
-    for i in tqdm(range(steps), desc=sampler, disable=not progress, leave=False):
+    for i in tqdm(range(steps), desc=progress if isinstance(progress, str) else sampler,
+                  disable=not progress, leave=False):
         logsnr_t, logsnr_s = levels[i].repeat(batch), levels[i + 1].repeat(batch)
         x_hat = denoise(z, logsnr_t)
         if i == steps - 1:
