@@ -1,4 +1,5 @@
-"""The config sections of the diffusion math: the objective, the sampler and the guidance.
+"""The config sections of the diffusion math: the objective, the sampler, the guidance and the
+cascade's conditioning.
 
 They are plain dataclasses; `dit_video.config.load_config` fills and validates them from YAML.
 Field names match the keyword arguments of the functions they feed (`sample`, `diffusion_loss`,
@@ -60,3 +61,18 @@ class GuidanceConfig:
     def __post_init__(self):
         if self.weight_low is None and self.high_fraction != 0.25:
             raise ValueError("high_fraction applies to oscillating guidance only: set weight_low too")
+
+
+@dataclass
+class CascadeConfig:
+    """A super-resolution stage's input: the video downsampled by these factors, encoded, and
+    upsampled back to the target latent shape; noised during training (conditioning
+    augmentation) at a log-SNR drawn uniformly from `aug_logsnr`, which the backbone is told."""
+
+    spatial: int = param(1, ge=1)
+    temporal: int = param(1, ge=1)
+    aug_logsnr: tuple[float, float] = (0.0, 10.0)
+
+    def __post_init__(self):
+        if self.aug_logsnr[0] > self.aug_logsnr[1]:
+            raise ValueError(f"cascade.aug_logsnr must be (low, high), got {self.aug_logsnr}")
