@@ -7,7 +7,9 @@
 One loop (`train`, below) on DeepSpeed ZeRO for every stage; what differs between them lives in
 `dit_video.training.stages`: `vae` (the video autoencoder and its discriminator, on pixels) and
 `base`, `tsr`, `ssr` (a diffusion backbone on VAE latents: buckets of native sizes, joint
-image-video batches, caption dropout, cascade conditioning with augmentation). Around it: EMA,
+image-video batches, caption dropout, cascade conditioning with augmentation) and `distill` (a
+round of progressive distillation: a student that samples in N steps what its teacher, a trained
+model folder, samples in 2N, guidance optionally distilled in). Around it: EMA,
 checkpoints that resume exactly, a non-finite guard, SIGTERM handling, the run log and the export.
 """
 
@@ -25,18 +27,18 @@ from dit_video.config import ConfigError, load_config, read_yaml, save_config
 from dit_video.training.checkpoint import complete_checkpoints, ensure_universal, read_trainer_state
 from dit_video.training.checkpoint import load as checkpoint_load
 from dit_video.training.checkpoint import save as checkpoint_save
-from dit_video.training.config import DiffusionTrainConfig, VAETrainConfig
+from dit_video.training.config import DiffusionTrainConfig, DistillTrainConfig, VAETrainConfig
 from dit_video.training.ema import EMA
 from dit_video.training.engine import build_engine, deepspeed_config, device_for, setup_distributed
 from dit_video.training.log import RunLog
-from dit_video.training.stages import build_stage
+from dit_video.training.stages import TrainRun, build_stage, preflight
 
 
 STAGES = {"vae": VAETrainConfig, "base": DiffusionTrainConfig, "tsr": DiffusionTrainConfig,
-          "ssr": DiffusionTrainConfig}
+          "ssr": DiffusionTrainConfig, "distill": DistillTrainConfig}
 
 
-def load_train_config(path: str, overrides: list[str]) -> VAETrainConfig | DiffusionTrainConfig:
+def load_train_config(path: str, overrides: list[str]) -> TrainRun:
     stage = read_yaml(path).get("stage")
     for item in overrides:
         if item.startswith("stage="):
@@ -76,7 +78,7 @@ def launcher_arguments(argv: list[str]) -> list[str]:
     return kept
 
 
-def train(cfg: DiffusionTrainConfig | VAETrainConfig) -> dict:
+def train(cfg: TrainRun) -> dict:
     """The loop of every stage; returns the last logged metrics (on rank 0)."""
     rank, world, local_rank = setup_distributed()
     device = device_for(local_rank)
@@ -178,6 +180,7 @@ def train(cfg: DiffusionTrainConfig | VAETrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = launcher_arguments(sys.argv[1:] if argv is None else argv)
     cfg = load_train_config(*config_arguments(argv, "train.py", __doc__.split("\n\n")[0]))
+    preflight(cfg)
     try:
         train(cfg)
     except Stop as e:

@@ -259,21 +259,16 @@ def test_a_short_training_clearly_lowers_the_loss(setup, tmp_path):
     outputs exactly zero (adaLN-Zero): the trained one must do clearly better."""
     from dit_video.config import load_config
     from dit_video.diffusion import training_loss
-    from dit_video.models import build_backbone
-    from dit_video.text import build_text_encoder
+    from dit_video.models.pretrained import DiffusionModel
     from dit_video.training.config import DiffusionTrainConfig
-    from dit_video.training.objective import DiffusionObjective
-    from dit_video.training.stages import backbone_config
     from vae import VideoVAE
 
     out = tmp_path / "run"
     run(setup, out, 1, "train.steps=150", "train.checkpoint_every=150", "optim.lr=1e-3", "optim.warmup_steps=5",
         "optim.lr_schedule=constant", "data.buckets=[{frames: 9, height: 32, width: 32, batch_size: 4}]")
-    cfg = load_config(DiffusionTrainConfig, out / "model/config.yaml")
-    vae = VideoVAE.from_pretrained(cfg.vae).eval()
-    text = build_text_encoder(cfg.text)
-    model = DiffusionObjective(build_backbone(backbone_config(cfg, vae, text.dim)), cfg.diffusion, text)
-    model.load_state_dict(load_file(out / "model/model.safetensors"))
+    model = DiffusionModel.from_pretrained(out / "model", weights="model")  # the folder stands on its own
+    cfg, text = model.config, model.text_encoder
+    vae = VideoVAE.from_pretrained(load_config(DiffusionTrainConfig, out / "model/train_config.yaml").vae).eval()
     entries = read_manifest(setup / "data/train/manifest.jsonl")[:6]
     with torch.no_grad():
         x = vae.encode(torch.stack([read_video(e.path, num_frames=9, size=(32, 32)) for e in entries]))

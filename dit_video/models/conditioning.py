@@ -1,7 +1,11 @@
 """The conditioning every backbone shares: a vector from the noise level, the cascade's
-augmentation level and pooled text (for adaLN or scale-shift), and the projected text tokens
-with their mask (for cross-attention). A learned null text stands in when no text is given, and
-for a sample whose text mask is all False (a caption dropped for classifier-free guidance)."""
+augmentation level, pooled text and, in a guidance-distilled student, the guidance weight w (for
+adaLN or scale-shift), and the projected text tokens with their mask (for cross-attention). A
+learned null text stands in when no text is given, and for a sample whose text mask is all False
+(a caption dropped for classifier-free guidance).
+
+The guidance embedding's last layer starts at zero: a student given the input and loaded with the
+weights of a teacher without it computes exactly the teacher's function until it is trained."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from .embeddings import fourier_features
 
 
 class Conditioning(nn.Module):
-    def __init__(self, freq_dim: int, width: int, cond: bool, text_dim: int, context_dim: int):
+    def __init__(self, freq_dim: int, width: int, cond: bool, text_dim: int, context_dim: int,
+                 guidance: bool = False):
         super().__init__()
         self.freq_dim, self.text_dim = freq_dim, text_dim
         self.noise = Mlp(freq_dim, width, width, act_layer=nn.SiLU)
@@ -22,10 +27,18 @@ class Conditioning(nn.Module):
             self.text_proj = nn.Linear(text_dim, context_dim)
             self.text_pool = Mlp(context_dim, width, width, act_layer=nn.SiLU)
             self.null_text = nn.Parameter(torch.randn(1, text_dim) * 0.02)  # for classifier-free guidance
+        # made last, so the other layers draw the same initial weights with or without it
+        self.guidance = Mlp(freq_dim, width, width, act_layer=nn.SiLU) if guidance else None
+        if self.guidance is not None:  # adds exactly 0 until trained (see the module docstring)
+            nn.init.zeros_(self.guidance.fc2.weight)
+            nn.init.zeros_(self.guidance.fc2.bias)
 
-    def forward(self, logsnr, cond_logsnr, text, text_mask, batch: int, dtype: torch.dtype):
+    def forward(self, logsnr, cond_logsnr, text, text_mask, batch: int, dtype: torch.dtype, guidance=None):
         """(vector [B, width], context [B, L, context_dim] or None, mask [B, L] or None)."""
         c = self.noise(fourier_features(logsnr, self.freq_dim).to(dtype))
+        w = self._guidance_weight(guidance, batch, c.device)
+        if w is not None:
+            c = c + self.guidance(fourier_features(w, self.freq_dim).to(dtype))
         if self.cond_noise is not None:
             if cond_logsnr is None:
                 raise ValueError("cond_logsnr (the augmentation level of cond) is required with cond")
@@ -46,3 +59,17 @@ class Conditioning(nn.Module):
         context = self.text_proj(text.to(dtype))
         pooled = (context * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return c + self.text_pool(pooled), context, mask
+
+    def _guidance_weight(self, guidance, batch: int, device) -> torch.Tensor | None:
+        """The [B] float32 weight w, checked against whether this model takes it."""
+        if self.guidance is None:
+            if guidance is not None:
+                raise ValueError("this model has no guidance input (guidance_input: false), yet got a guidance weight")
+            return None
+        if guidance is None:
+            raise ValueError("this model takes the guidance weight as an input (guidance_input: true): "
+                             "pass guidance, a [B] float tensor")
+        w = torch.as_tensor(guidance, device=device).float()
+        if w.ndim > 1 or w.numel() not in (1, batch):
+            raise ValueError(f"guidance must be a [B] tensor with B = {batch}, got shape {tuple(w.shape)}")
+        return w.reshape(-1).expand(batch)

@@ -6,10 +6,12 @@ text, MLP. The noise level (and the cascade's conditioning-augmentation level, a
 conditions the blocks through adaLN-Zero, so an untrained model outputs exactly zero. Positions
 are computed for the input's own frames, height and width: any latent size the patch divides.
 
-    forward(z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None)
+    forward(z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None, guidance=None)
 
 `is_image` [B] bool restricts temporal attention to each frame itself (the VDM masking), so a
 T-frame "video" of independent images gives, frame by frame, what T one-frame inputs give.
+`guidance` [B] is the classifier-free guidance weight w of a guidance-distilled student
+(`guidance_input: true`), embedded like the noise level into the adaLN vector.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class DiTConfig:
     base_grid: int = param(16, ge=1)  # sin-cos positions are scaled so that this many patches span the frame
     attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     gradient_checkpointing: bool = False
+    guidance_input: bool = False  # a guidance-distilled student: forward takes w (guidance=[B])
 
     def __post_init__(self):
         named = dict(zip(("width", "depth", "heads"), SIZES[self.size]))
@@ -168,7 +171,7 @@ class DiT(nn.Module):
         self.in_channels, self.cond_channels, self.text_dim = cfg.in_channels, cfg.cond_channels, cfg.text_dim
         self.out_channels = cfg.out_channels or cfg.in_channels
         self.patch_embed = nn.Conv3d(cfg.in_channels + cfg.cond_channels, w, cfg.patch, stride=cfg.patch)
-        self.conditioning = Conditioning(w, w, cfg.cond_channels > 0, cfg.text_dim, w)
+        self.conditioning = Conditioning(w, w, cfg.cond_channels > 0, cfg.text_dim, w, cfg.guidance_input)
         self.temporal_bias = RelativePositionBias(cfg.heads) if cfg.temporal_positions == "t5_bias" else None
         block = FactorizedBlock if cfg.name == "dit" else JointBlock
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.depth))
@@ -179,7 +182,8 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None):
+    def forward(self, z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None,
+                guidance=None):
         cfg = self.config
         b, _, t, h, w = z.shape
         pt, ph, pw = cfg.patch
@@ -192,7 +196,7 @@ class DiT(nn.Module):
         gt, gh, gw = x.shape[2:]
         x = rearrange(x, "b w t h v -> b t (h v) w")
 
-        c, context, mask = self.conditioning(logsnr, cond_logsnr, text, text_mask, b, x.dtype)
+        c, context, mask = self.conditioning(logsnr, cond_logsnr, text, text_mask, b, x.dtype, guidance)
 
         positions = self._positions(gt, gh, gw, x)
         if cfg.spatial_positions == "sincos":

@@ -5,7 +5,8 @@ levels, temporal attention with a T5 relative position bias after it, cross-atte
 spatial down- and upsampling with skip connections. Optional 3x1x1 temporal convolutions after
 the spatial ones, as in Imagen Video's super-resolution models. Normalization is per frame and
 `is_image` restricts temporal attention (and skips temporal convolutions) for image samples, so
-frames of an image batch are processed independently.
+frames of an image batch are processed independently. `guidance_input: true` adds the guidance
+weight w of a guidance-distilled student to the conditioning vector (forward's `guidance` [B]).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class UNet3DConfig:
     norm_groups: int = param(32, ge=1)
     attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     gradient_checkpointing: bool = False
+    guidance_input: bool = False  # a guidance-distilled student: forward takes w (guidance=[B])
 
     def __post_init__(self):
         bad = [i for i in self.attention_levels if not 0 <= i < len(self.channel_mult)]
@@ -152,7 +154,8 @@ class UNet3D(nn.Module):
         width = 4 * cfg.channels  # the conditioning vector
         chans = cfg.level_channels
         # text is projected to the deepest width, then to each attention level's (text_to_level)
-        self.conditioning = Conditioning(cfg.channels, width, cfg.cond_channels > 0, cfg.text_dim, chans[-1])
+        self.conditioning = Conditioning(cfg.channels, width, cfg.cond_channels > 0, cfg.text_dim, chans[-1],
+                                         cfg.guidance_input)
         self.conv_in = nn.Conv3d(cfg.in_channels + cfg.cond_channels, chans[0], (1, 3, 3), padding=(0, 1, 1))
         self.text_to_level = nn.ModuleList(nn.Linear(chans[-1], c) if cfg.text_dim else nn.Identity() for c in chans)
 
@@ -180,7 +183,8 @@ class UNet3D(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None):
+    def forward(self, z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None,
+                guidance=None):
         cfg = self.config
         factor = 2 ** (len(cfg.channel_mult) - 1)
         if z.shape[-1] % factor or z.shape[-2] % factor:
@@ -188,7 +192,8 @@ class UNet3D(nn.Module):
         if (cond is None) != (cfg.cond_channels == 0):
             raise ValueError(f"this model takes cond with {cfg.cond_channels} channels; got "
                              f"{'none' if cond is None else tuple(cond.shape)}")
-        c, context, mask = self.conditioning(logsnr, cond_logsnr, text, text_mask, z.shape[0], z.dtype)
+        c, context, mask = self.conditioning(logsnr, cond_logsnr, text, text_mask, z.shape[0], z.dtype,
+                                             guidance)
 
         # the text context in each attention level's width, projected once per forward
         contexts = {i: None if context is None else self.text_to_level[i](context)

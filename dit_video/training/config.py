@@ -1,5 +1,5 @@
 """The config of a training run, one YAML file with every key checked: the diffusion stages (base,
-tsr, ssr) and the VAE stage share the data, optimization and run sections."""
+tsr, ssr), the distillation stage and the VAE stage share the data, optimization and run sections."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from ..config import param
 from ..data.buckets import BucketConfig
-from ..diffusion import DiffusionConfig
+from ..diffusion import CascadeConfig, DiffusionConfig
 from ..text import TextConfig
 from .engine import OptimConfig
 from .preview import PreviewConfig
@@ -37,21 +37,6 @@ class DataConfig:
             raise ValueError("data.videos (or data.latents) and data.buckets go together")
         if bool(self.images) != bool(self.image_buckets):
             raise ValueError("data.images and data.image_buckets go together")
-
-
-@dataclass
-class CascadeConfig:
-    """A super-resolution stage's input: the video downsampled by these factors, encoded, and
-    upsampled back to the target latent shape; noised during training (conditioning
-    augmentation) at a log-SNR drawn uniformly from `aug_logsnr`, which the backbone is told."""
-
-    spatial: int = param(1, ge=1)
-    temporal: int = param(1, ge=1)
-    aug_logsnr: tuple[float, float] = (0.0, 10.0)
-
-    def __post_init__(self):
-        if self.aug_logsnr[0] > self.aug_logsnr[1]:
-            raise ValueError(f"cascade.aug_logsnr must be (low, high), got {self.aug_logsnr}")
 
 
 @dataclass
@@ -95,6 +80,39 @@ class DiffusionTrainConfig:
             if factor < 2 or other != 1:
                 which = "temporal" if self.stage == "tsr" else "spatial"
                 raise ValueError(f"stage {self.stage}: cascade.{which} must be >= 2 and the other factor 1")
+
+
+@dataclass
+class DistillGuidanceConfig:
+    """Classifier-free guidance distilled into the student: per training sample a weight w drawn
+    uniformly from `weights`, the teacher guided with it ((1 + w) x_c - w x_u), the student told w."""
+
+    weights: tuple[float, float] | None = None  # [low, high], 0 <= low <= high; None: no guidance distilled
+
+
+@dataclass
+class DistillTrainConfig:
+    """One round of progressive distillation (Salimans & Ho 2022): a student that samples in
+    `student_steps` DDIM steps what the teacher samples in twice as many. The student is the
+    teacher's network (plus the guidance input when guidance is distilled), initialized from its
+    weights; the exported model is the teacher of the next round."""
+
+    stage: Literal["distill"]
+    out_dir: str
+    teacher: str  # a DiffusionModel folder: a train.py export (base, tsr, ssr or an earlier round)
+    vae: str  # the VAE folder the teacher was trained on (encodes the clips; checks data.latents)
+    student_steps: int = param(ge=1)  # N; the teacher runs 2N (a distilled teacher must have steps: 2N)
+    data: DataConfig
+    teacher_weights: Literal["ema", "model"] = "ema"  # which weights of the teacher folder
+    guidance: DistillGuidanceConfig = field(default_factory=DistillGuidanceConfig)
+    caption_dropout: float = param(0.0, ge=0, le=1)  # share of captions replaced by the null text, for both
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        weights = self.guidance.weights
+        if weights is not None and not 0 <= weights[0] <= weights[1]:
+            raise ValueError(f"guidance.weights must be [low, high] with 0 <= low <= high, got {list(weights)}")
 
 
 @dataclass

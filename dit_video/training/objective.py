@@ -1,7 +1,8 @@
 """What the DeepSpeed engine trains: per stage, the trainable modules behind one forward that
 returns the loss (and the metrics to log). In the diffusion stages, the backbone and, when it
-learns with the model, the byte-level text encoder; in the vae stage, the VAE and its
-discriminator.
+learns with the model, the byte-level text encoder; in the distill stage, the student's backbone
+and text encoder (the teacher's targets come in with the batch); in the vae stage, the VAE and
+its discriminator.
 
 Everything random in a step (noise level, noise, caption dropout) is drawn from the loop's
 generator, whose state is checkpointed, so a resumed run repeats the same steps exactly. The
@@ -16,7 +17,8 @@ from torch.func import functional_call
 
 from vae.losses import hinge_discriminator_loss, hinge_generator_loss, kl_loss, reconstruction_loss
 
-from ..diffusion import DiffusionConfig, training_loss
+from ..diffusion import DiffusionConfig, distillation_loss, training_loss
+from ..diffusion.parameterization import Prediction
 from ..eval.metrics import psnr
 
 
@@ -46,6 +48,32 @@ class DiffusionObjective(nn.Module):
                              text_mask=text_mask, cond=None if cond is None else cond.to(dtype),
                              cond_logsnr=cond_logsnr, is_image=is_image)
         return {"loss": loss.mean()}
+
+
+class DistillObjective(nn.Module):
+    """The student of progressive distillation: its output at (z_t, logsnr) against the teacher's
+    target x_tilde (made by the stage, outside the engine), with the truncated-SNR loss in the
+    student's `prediction` space. Text as in DiffusionObjective; `guidance` is the weight w the
+    teacher was guided with, for a student that takes it as an input."""
+
+    def __init__(self, backbone: nn.Module, prediction: Prediction, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.backbone, self.text_encoder, self.prediction = backbone, text_encoder, prediction
+
+    def forward(self, z: torch.Tensor, logsnr: torch.Tensor, target: torch.Tensor, captions: list[str] | None = None,
+                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                dropped: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                cond_logsnr: torch.Tensor | None = None, is_image: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> dict:
+        if captions is not None:
+            text, text_mask = self.text_encoder(captions)
+        if dropped is not None:
+            text_mask = text_mask & ~dropped.to(text_mask.device)[:, None]
+        dtype = next(self.backbone.parameters()).dtype
+        output = self.backbone(z.to(dtype), logsnr, text=text, text_mask=text_mask,
+                               cond=None if cond is None else cond.to(dtype), cond_logsnr=cond_logsnr,
+                               is_image=is_image, guidance=guidance)
+        return {"loss": distillation_loss(output, z, target, logsnr, self.prediction).mean()}
 
 
 class VAEObjective(nn.Module):
