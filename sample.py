@@ -1,0 +1,202 @@
+"""Generate videos from text with a pipeline folder (base -> TSR -> SSR -> VAE decode):
+
+    python sample.py --prompt "a red circle moving right on a gray background"
+    python sample.py --prompts prompts.txt --seed 3 --sampler pc --steps 50 --guidance 4 --gif --sheet
+    python sample.py --prompt "..." --extend 3                  # 3 more chunks, each continuing the last
+    python sample.py --prompt "..." --interpolate a.png b.png   # the frames between two given frames
+
+writes OUT (an H.264 mp4; with several prompts OUT_0.mp4, OUT_1.mp4, ...), with --gif and
+--sheet a GIF and a PNG contact sheet beside each, and OUT.yaml: the effective settings. The
+guidance weight w follows the papers: (1 + w) x_cond - w x_uncond, so 0 is off (diffusers'
+guidance_scale is 1 + w).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from dit_video.cli import UsageError, check_output_path, exits_cleanly
+from dit_video.config import to_dict
+from dit_video.data import VideoError
+from dit_video.data.image import read_image
+from dit_video.data.looks import write_contact_sheet, write_gif
+from dit_video.data.video import VideoWriter
+from dit_video.diffusion import SAMPLERS, GuidanceConfig, SamplerConfig
+from dit_video.files import write_text_atomic
+from dit_video.pipeline import Pipeline
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "tiny"
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
+    parser.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a pipeline folder (default: the shipped one)")
+    parser.add_argument("--out", default="outputs/sample.mp4", help="the mp4 to write (default: %(default)s)")
+    parser.add_argument("--gif", action="store_true", help="also write an animated GIF of each video")
+    parser.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet of each video")
+    parser.add_argument("--seed", type=int, default=0, help="video i starts from the noise of seed + i")
+    parser.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: the pipeline's)")
+    parser.add_argument("--steps", type=int, help="sampler steps of every stage (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight w, 0 = off")
+    parser.add_argument("--oscillate", type=float, metavar="W_LOW",
+                        help="oscillating guidance: alternate --guidance with this weight (Imagen Video)")
+    parser.add_argument("--frames", type=int, help="output frames per chunk (default: the pipeline's)")
+    parser.add_argument("--size", metavar="HxW", help="output frame size (default: the pipeline's)")
+    parser.add_argument("--fps", type=float, help="frame rate of the files (default: the pipeline's)")
+    parser.add_argument("--extend", type=int, default=0, metavar="N", help="generate N further chunks")
+    parser.add_argument("--interpolate", nargs="+", metavar="IMAGE",
+                        help="fill the frames between these images (2 or more, in order)")
+    parser.add_argument("--method", choices=("guided", "replacement"), default="guided",
+                        help="conditioning of --extend: reconstruction guidance or replacement (to compare)")
+    parser.add_argument("--reconstruction-weight", type=float, metavar="W_R",
+                        help="weight of the reconstruction guidance (default: the pipeline's)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        try:
+            prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{args.prompts}: cannot read the prompts ({e.__class__.__name__})") from None
+    if not prompts:
+        raise UsageError("give a prompt: --prompt \"...\" or --prompts FILE")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("an empty prompt: every --prompt needs some text")
+    return [p.strip() for p in prompts]
+
+
+def settings(args: argparse.Namespace, pipeline: Pipeline) -> tuple[SamplerConfig | None, GuidanceConfig | None]:
+    """The sampler and guidance the command line asks for (None: each stage's own)."""
+    for name, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--oscillate", args.oscillate),
+                        ("--reconstruction-weight", args.reconstruction_weight)):
+        if value is not None and value < (1 if name == "--steps" else 0):
+            raise UsageError(f"{name} must be >= {1 if name == '--steps' else 0}, got {value}")
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise UsageError(f"--sampler: unknown sampler {args.sampler!r}; choose from {', '.join(SAMPLERS)}")
+    sampler = guidance = None
+    try:
+        if args.sampler is not None or args.steps is not None:
+            base = pipeline.config.sampler
+            sampler = SamplerConfig(sampler=args.sampler or base.sampler, steps=args.steps or base.steps)
+        if args.guidance is not None or args.oscillate is not None:
+            weight = pipeline.config.guidance.weight if args.guidance is None else args.guidance
+            guidance = GuidanceConfig(weight=weight, weight_low=args.oscillate)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return sampler, guidance
+
+
+def output_paths(out: Path, count: int, gif: bool, sheet: bool) -> list[dict[str, Path]]:
+    if out.suffix.lower() != ".mp4":
+        raise UsageError(f"--out {out}: the output is an mp4, the name must end in .mp4")
+    stems = [out.with_suffix("")] if count == 1 else [out.with_name(f"{out.stem}_{i}") for i in range(count)]
+    paths = []
+    for stem in stems:
+        files = {"mp4": stem.with_suffix(".mp4")}
+        if gif:
+            files["gif"] = stem.with_suffix(".gif")
+        if sheet:
+            files["sheet"] = stem.with_suffix(".png")
+        paths.append(files)
+    return paths
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(sys.argv[1:] if argv is None else argv)
+    prompts = read_prompts(args)
+    out = Path(args.out)
+    paths = output_paths(out, len(prompts), args.gif, args.sheet)
+    for files in paths:
+        for path in files.values():
+            check_output_path(path)
+    check_output_path(out.with_suffix(".yaml"))
+    if args.extend < 0:
+        raise UsageError(f"--extend must be >= 0, got {args.extend}")
+    if args.interpolate and args.extend:
+        raise UsageError("--extend and --interpolate: choose one")
+    if args.interpolate and args.method == "replacement":
+        raise UsageError("--method replacement needs known latent frames: it conditions --extend only (a single "
+                         "end frame has no latent of its own in a causal VAE)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device here")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a torch device") from None
+
+    pipeline = Pipeline.from_pretrained(args.model, device)
+    sampler, guidance = settings(args, pipeline)
+    frames = args.frames or pipeline.frames
+    height, width = pipeline.height, pipeline.width
+    if args.size:
+        try:
+            height, width = (int(n) for n in args.size.lower().split("x"))
+        except ValueError:
+            raise UsageError(f"--size {args.size}: expected HxW, e.g. 64x64") from None
+    try:
+        pipeline.set_size(frames, height, width)
+        if args.extend:
+            pipeline.context_frames()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    keyframes = None
+    if args.interpolate:
+        if len(args.interpolate) < 2:
+            raise UsageError("--interpolate needs 2 or more images")
+        try:
+            keyframes = torch.stack([read_image(p, (height, width))[:, 0] for p in args.interpolate])
+        except VideoError as e:
+            raise UsageError(str(e)) from None
+    fps = args.fps or pipeline.config.fps
+
+    if keyframes is not None:
+        chunks = pipeline.interpolate(prompts, keyframes, args.seed, args.reconstruction_weight, sampler, guidance)
+        total = len(keyframes) - 1
+    else:
+        chunks = pipeline.extend(prompts, args.extend, args.seed, args.method, args.reconstruction_weight,
+                                 sampler, guidance)
+        total = args.extend + 1
+    looks = [[] for _ in prompts] if args.gif or args.sheet else None
+    with contextlib.ExitStack() as files:  # every file appears complete at the end, or not at all
+        writers = [files.enter_context(VideoWriter(p["mp4"], fps)) for p in paths]
+        for chunk in tqdm(chunks, total=total, desc="chunks", disable=total == 1):
+            for i, writer in enumerate(writers):
+                writer.write(chunk[i])
+                if looks is not None:
+                    looks[i].append(chunk[i].cpu())
+    for i, files in enumerate(paths):
+        if "gif" in files:
+            write_gif(files["gif"], torch.cat(looks[i], dim=1), fps)
+        if "sheet" in files:
+            write_contact_sheet(files["sheet"], torch.cat(looks[i], dim=1))
+    effective = {"model": str(args.model), "prompts": prompts, "seed": args.seed, "frames": frames,
+                 "size": [height, width], "fps": fps, "extend": args.extend, "interpolate": args.interpolate,
+                 "method": args.method if (args.extend or args.interpolate) else None,
+                 "reconstruction_weight": args.reconstruction_weight or pipeline.config.reconstruction_weight,
+                 "device": str(device),
+                 "stages": [{"model": s.config.model, "pixels": list(s.shape),
+                             **{k: to_dict(v) for k, v in zip(("sampler", "guidance"),
+                                                              pipeline.stage_settings(s, sampler, guidance))},
+                             "aug_logsnr": s.config.aug_logsnr} for s in pipeline.stages],
+                 "files": [{k: str(v) for k, v in f.items()} for f in paths]}
+    write_text_atomic(out.with_suffix(".yaml"), yaml.safe_dump(effective, sort_keys=False, default_flow_style=None))
+    for files in paths:
+        print(" ".join(str(p) for p in files.values()))
+
+
+if __name__ == "__main__":
+    main()

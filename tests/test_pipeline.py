@@ -1,0 +1,184 @@
+"""The generation pipeline and sample.py on a small untrained pipeline (tests/pipeline_checks.py):
+the stage sizes, seeds, the wiring of extension and interpolation, and the command line."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dit_video.config import ConfigError
+from dit_video.data import read_video
+from dit_video.pipeline import Pipeline, boundary_jump
+from pipeline_checks import write_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small ops: one thread is faster, and fair to a busy machine
+    yield write_pipeline(tmp_path_factory.mktemp("pipeline") / "tiny")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return Pipeline.from_pretrained(folder)
+
+
+def test_each_stage_size_follows_from_the_output_size(pipe):
+    assert [s.shape for s in pipe.stages] == [(5, 8, 8), (9, 8, 8), (9, 16, 16)]
+    pipe.set_size(17, 32, 16)
+    try:
+        assert [s.shape for s in pipe.stages] == [(9, 16, 8), (17, 16, 8), (17, 32, 16)]
+        assert pipe.temporal_step == 4 and pipe.context_frames() == 9
+    finally:
+        pipe.set_size(9, 16, 16)
+    for frames, size in ((8, 16), (11, 16), (9, 10)):  # 8: not 1 + 2k; 11: base of 6 frames; 10: base of 5x5
+        with pytest.raises(ValueError, match="does not fit"):
+            pipe.set_size(frames, size, size)
+    assert [s.shape for s in pipe.stages] == [(5, 8, 8), (9, 8, 8), (9, 16, 16)]  # a failed resize changes nothing
+
+
+def test_a_prompt_gives_the_same_video_alone_or_in_a_batch(pipe):
+    both = pipe.generate(["a red circle", "a blue square"], seed=3, progress=False)
+    alone = pipe.generate(["a blue square"], seed=4, progress=False)  # video i uses seed + i
+    assert both.shape == (2, 3, 9, 16, 16) and both.abs().max() <= 1
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=0)
+    assert (both[0] - both[1]).abs().mean() > 1e-3  # the prompt matters
+    with pytest.raises(ValueError, match="empty"):
+        pipe.generate(["a red circle", " "])
+
+
+def test_guidance_and_sampler_settings_reach_every_stage(pipe):
+    from dit_video.diffusion import GuidanceConfig, SamplerConfig
+
+    plain = pipe.generate(["a red circle"], seed=0, progress=False)
+    guided = pipe.generate(["a red circle"], seed=0, guidance=GuidanceConfig(weight=4.0), progress=False)
+    stochastic = pipe.generate(["a red circle"], seed=0, sampler=SamplerConfig(sampler="pc", steps=3), progress=False)
+    assert (plain - guided).abs().mean() > 1e-3 and (plain - stochastic).abs().mean() > 1e-3
+
+
+def final_latents(pipe, monkeypatch):
+    """What the last stage hands to the decoder, recorded on each generate."""
+    seen, decode = [], pipe.vae.decode
+
+    def recording(latent, *args, **kwargs):
+        seen.append(latent.clone())
+        return decode(latent, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "decode", recording)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["guided", "replacement"])
+def test_each_new_chunk_begins_with_the_encoded_last_frames(pipe, monkeypatch, method):
+    """The conditioning wiring: the last stage's latent of a new chunk starts exactly with the
+    encoding of the frames it continues (reconstruction guidance returns x_a there), and only
+    the new frames are handed out."""
+    seen = final_latents(pipe, monkeypatch)
+    chunks = list(pipe.extend(["a red circle"], 2, seed=0, method=method, progress=False))
+    assert [c.shape[2] for c in chunks] == [9, 4, 4]  # 5 frames of context, 4 new ones per chunk
+    video = torch.cat(chunks, dim=2)
+    for i in (1, 2):
+        context = pipe.vae.encode(video[:, :, 4 * i:4 * i + 5])  # the frames chunk i continued from
+        torch.testing.assert_close(seen[i][:, :, :3], context, atol=1e-5, rtol=0)
+
+
+def test_interpolation_is_pulled_toward_the_given_frames(pipe):
+    """Keyframes the model can make (the ends of one of its own videos), interpolated from other
+    noise: the guidance must bring the ends much closer to them than unguided sampling."""
+    target = pipe.generate(["a red circle"], seed=7, progress=False)[0]
+    keyframes = target[:, [0, -1]].transpose(0, 1)
+    errors = {}
+    for weight in (0.0, 100.0):
+        chunks = list(pipe.interpolate(["a red circle"], torch.cat([keyframes, keyframes[:1]]), seed=0,
+                                       weight=weight, progress=False))
+        assert [c.shape[2] for c in chunks] == [9, 8]  # the shared keyframe once
+        video = torch.cat(chunks, dim=2)[0]
+        errors[weight] = (video[:, [0, 8]] - keyframes.transpose(0, 1)).abs().mean()
+    assert errors[100.0] < 0.7 * errors[0.0], errors  # measured: 0.018 against 0.035 at the two ends
+
+
+def test_boundary_jump_is_one_for_a_smooth_ramp_and_large_for_a_cut():
+    ramp = torch.linspace(0, 1, 10).view(1, 1, 10, 1, 1).expand(2, 3, 10, 4, 4)
+    assert torch.allclose(boundary_jump(ramp[:, :, :5], ramp[:, :, 5:]), torch.ones(2))
+    cut = torch.cat([ramp[:, :, :5], ramp[:, :, 5:] + 1], dim=2)
+    assert (boundary_jump(cut[:, :, :5], cut[:, :, 5:]) > 5).all()
+
+
+def test_missing_and_damaged_folders_are_one_line_errors(folder, tmp_path):
+    with pytest.raises(ConfigError, match="not a pipeline folder"):
+        Pipeline.from_pretrained(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "tsr" / "ema.safetensors").write_bytes(b"not weights")
+    with pytest.raises(ConfigError, match="tsr/ema.safetensors: not a readable safetensors file"):
+        Pipeline.from_pretrained(broken)
+    shutil.copy(folder / "tsr" / "ema.safetensors", broken / "tsr")
+    shutil.rmtree(broken / "ssr")
+    with pytest.raises(ConfigError, match="ssr: no such model directory"):
+        Pipeline.from_pretrained(broken)
+
+
+def sample_py(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_sample_py_writes_the_videos_their_looks_and_the_settings(folder, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a blue square moving up\n\n")
+    result = sample_py("--model", str(folder), "--prompt", "a red circle", "--prompts", "prompts.txt", "--out",
+                       "out/clip.mp4", "--gif", "--sheet", "--seed", "5", "--sampler", "pc", "--steps", "2",
+                       "--guidance", "3", "--oscillate", "1", "--extend", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["clip.yaml", "clip_0.gif", "clip_0.mp4", "clip_0.png",
+                                                     "clip_1.gif", "clip_1.mp4", "clip_1.png"]
+    assert read_video(out / "clip_1.mp4").shape == (3, 13, 16, 16)  # 9 frames, then 4 more
+    with Image.open(out / "clip_0.gif") as gif:
+        assert gif.n_frames == 13 and gif.size == (16, 16)
+    with Image.open(out / "clip_0.png") as sheet:
+        assert sheet.size == (9 * 16 + 8 * 2, 2 * 16 + 2)  # 13 frames: 9 to a row
+    settings = yaml.safe_load((out / "clip.yaml").read_text())
+    assert settings["prompts"] == ["a red circle", "a blue square moving up"] and settings["seed"] == 5
+    assert all(s["sampler"]["sampler"] == "pc" and s["guidance"]["weight_low"] == 1 for s in settings["stages"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a red circle", "--sampler", "euler"], "unknown sampler 'euler'"),
+    (["--prompt", "a red circle", "--frames", "8"], "does not fit the pipeline"),
+    (["--prompt", "  "], "empty prompt"),
+    ([], "give a prompt"),
+    (["--prompt", "a red circle", "--model", "nowhere"], "not a pipeline folder"),
+    (["--prompt", "a red circle", "--out", "clip.avi"], "must end in .mp4"),
+    (["--prompt", "a red circle", "--out", "a.png/clip.mp4"], "cannot write there"),
+    (["--prompt", "a red circle", "--steps", "0"], "--steps must be >= 1"),
+    (["--prompt", "a red circle", "--interpolate", "a.png"], "2 or more images"),
+    (["--prompt", "a red circle", "--interpolate", "a.png", "b.png"], "a.png: not a readable image"),
+    (["--prompt", "a red circle", "--extend", "1", "--method", "replacement", "--interpolate", "a.png", "b.png"],
+     "choose one"),
+])
+def test_sample_py_bad_input_is_one_line_exit_2_and_writes_nothing(folder, tmp_path, monkeypatch, capsys, args,
+                                                                   message):
+    import sample
+
+    (tmp_path / "a.png").write_bytes(b"not an image")
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path)
+    if "--model" not in args:
+        args = ["--model", str(folder), *args]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit:
+        sample.main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
