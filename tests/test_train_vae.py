@@ -74,7 +74,7 @@ def test_a_short_run_with_the_discriminator_exports_a_loadable_model(clips, tmp_
 def test_train_config_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("stage: sr\nmodel: x\nout_dir: y\n")
-    with pytest.raises(ConfigError, match=r"stage: expected one of 'vae', 'base', 'tsr', 'ssr', got 'sr'"):
+    with pytest.raises(ConfigError, match=r"stage: expected one of 'vae', 'base', 'tsr', 'ssr', 'distill', got 'sr'"):
         load_train_config(str(path), [])
     with pytest.raises(ConfigError, match=r"^command line: train.stpes: unknown key"):
         load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["train.stpes=3"])
