@@ -54,7 +54,8 @@ def test_every_combination_is_read_exactly(clips, setting):
     assert all(d.found for d in detections)
     wrong = [(c, d.attributes) for c, d in zip(COMBOS, detections) if d.attributes != c]
     assert not wrong, wrong[:5]
-    assert adherence(detections, COMBOS) == {"shape": 1.0, "color": 1.0, "direction": 1.0, "background": 1.0, "all": 1.0}
+    assert adherence(detections, COMBOS) == {"shape": 1.0, "color": 1.0, "direction": 1.0, "background": 1.0,
+                                             "all": 1.0}
 
 
 def test_an_h264_round_trip_keeps_every_attribute(clips, tmp_path):
@@ -80,8 +81,8 @@ def blurred(video):  # a 3x3 box filter on every frame
 @pytest.mark.parametrize("corruption", ["noise", "blur", "blur+noise"])
 def test_noise_and_blur_are_tolerated(clips, corruption):
     """Measured on all 180 combinations at 32x32 and 64x64 (9 and 17 frames): 100% of every
-    attribute under Gaussian noise of std 0.1 (0.2 and 0.3 too), under a 3x3 box blur, and under
-    both. Here 45 combinations of each setting, asserting the same."""
+    attribute under Gaussian noise of std 0.1, under a 3x3 box blur, and under both (and on 60
+    drawn combinations, under noise of std 0.2 to 0.4). Here 45 combinations of each setting, asserting the same."""
     generator = torch.Generator().manual_seed(0)
     videos, targets = [], []
     for k, setting in enumerate(SETTINGS):
