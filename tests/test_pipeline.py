@@ -153,6 +153,20 @@ def test_sample_py_writes_the_videos_their_looks_and_the_settings(folder, tmp_pa
     assert all(s["sampler"]["sampler"] == "pc" and s["guidance"]["weight_low"] == 1 for s in settings["stages"])
 
 
+def test_sample_py_size_rate_and_device_reach_the_file(folder, tmp_path, monkeypatch):
+    import sample
+
+    from dit_video.data import video_info
+
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--model", str(folder), "--prompt", "a red circle", "--size", "16x32", "--fps", "4", "--frames", "5",
+                 "--device", "cpu", "--out", "wide.mp4"])
+    frames, fps, height, width = video_info(tmp_path / "wide.mp4")
+    assert (frames, fps, height, width) == (5, 4.0, 16, 32)
+    settings = yaml.safe_load((tmp_path / "wide.yaml").read_text())
+    assert settings["size"] == [16, 32] and settings["fps"] == 4 and settings["device"] == "cpu"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "a red circle", "--sampler", "euler"], "unknown sampler 'euler'"),
     (["--prompt", "a red circle", "--frames", "8"], "does not fit the pipeline"),
