@@ -114,6 +114,14 @@ def test_boundary_jump_is_one_for_a_smooth_ramp_and_large_for_a_cut():
     assert (boundary_jump(cut[:, :, :5], cut[:, :, 5:]) > 5).all()
 
 
+def test_the_tiny_cascade_recipe_is_a_valid_pipeline_config():
+    from dit_video.config import from_dict, read_yaml
+    from dit_video.pipeline import PipelineConfig
+
+    cfg = from_dict(PipelineConfig, read_yaml(ROOT / "configs/cascade/tiny/pipeline.yaml"))
+    assert [s.model for s in cfg.stages] == ["base", "tsr", "ssr"] and (cfg.frames, cfg.height) == (17, 64)
+
+
 def test_missing_and_damaged_folders_are_one_line_errors(folder, tmp_path):
     with pytest.raises(ConfigError, match="not a pipeline folder"):
         Pipeline.from_pretrained(tmp_path)
