@@ -89,6 +89,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: its own errors, not "expected .."
+            return _convert(value, sections[0], key)
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _convert(value, arg, key)

@@ -112,3 +112,21 @@ def test_to_dict_is_plain_yaml_data():
     assert d == {"prediction": "v", "weighting": "none", "min_snr_gamma": 5.0,
                  "schedule": {"logsnr_min": -20.0, "logsnr_max": 20.0, "base_resolution": None, "resolution": None}}
     assert dataclasses.is_dataclass(from_dict(DiffusionConfig, d))
+
+
+def test_an_optional_section_reports_its_own_errors():
+    """A typo inside a `Section | None` key names the key inside it, not just "a mapping or null"."""
+    from dit_video.diffusion import CascadeConfig
+
+    @dataclasses.dataclass
+    class Stage:
+        cascade: CascadeConfig | None = None
+
+    assert from_dict(Stage, {"cascade": None}).cascade is None
+    assert from_dict(Stage, {"cascade": {"spatial": 2}}).cascade == CascadeConfig(spatial=2)
+    with pytest.raises(ConfigError, match=r"cascade\.spatal: unknown key \(did you mean 'spatial'\?\)"):
+        from_dict(Stage, {"cascade": {"spatal": 2}})
+    with pytest.raises(ConfigError, match=r"cascade\.temporal: expected an int >= 1, got 0"):
+        from_dict(Stage, {"cascade": {"temporal": 0}})
+    with pytest.raises(ConfigError, match="cascade: expected a mapping or null, got 3"):
+        from_dict(Stage, {"cascade": 3})
