@@ -166,6 +166,7 @@ def test_two_rounds_through_train_py(setup, tmp_path):
 
     model = DiffusionModel.from_pretrained(first / "model")
     assert model.config.steps == 4 and model.guidance_input and model.config.stage == "base"
+    assert model.config.diffusion.weighting == "truncated_snr"  # what the student was trained with
     assert read_yaml(first / "model/train_config.yaml")["stage"] == "distill"
 
     # round 2 from a latent cache: teacher = round 1's export, 4 -> 2 steps

@@ -13,6 +13,7 @@ teacher), so that train.py reports a bad run in one line before it starts anythi
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -302,7 +303,9 @@ class DistillStage:
         """A DiffusionModel folder like the teacher's, with `steps: N` (and the guidance input):
         the teacher of the next round, and what sampling loads."""
         teacher = self.teacher.config
-        model = DiffusionModelConfig(teacher.stage, self.backbone_config, teacher.text, teacher.diffusion,
+        # the teacher's prediction and schedule; the weighting the student was trained with
+        diffusion = dataclasses.replace(teacher.diffusion, weighting="truncated_snr", min_snr_gamma=5.0)
+        model = DiffusionModelConfig(teacher.stage, self.backbone_config, teacher.text, diffusion,
                                      teacher.cascade, steps=self.cfg.student_steps)
         return export_model(out, model, self.cfg, engine, ema, self.rank)
 
