@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def settings(args: argparse.Namespace, pipeline: Pipeline) -> tuple[SamplerConfi
             sampler = SamplerConfig(sampler=args.sampler or base.sampler, steps=args.steps or base.steps)
         if args.guidance is not None or args.oscillate is not None:
             weight = pipeline.config.guidance.weight if args.guidance is None else args.guidance
-            guidance = GuidanceConfig(weight=weight, weight_low=args.oscillate)
+            # the pipeline's other guidance settings (rescale, thresholding) stay
+            low = pipeline.config.guidance.weight_low if args.oscillate is None else args.oscillate
+            guidance = dataclasses.replace(pipeline.config.guidance, weight=weight, weight_low=low)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     return sampler, guidance
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     effective = {"model": str(args.model), "prompts": prompts, "seed": args.seed, "frames": frames,
                  "size": [height, width], "fps": fps, "extend": args.extend, "interpolate": args.interpolate,
                  "method": args.method if (args.extend or args.interpolate) else None,
-                 "reconstruction_weight": args.reconstruction_weight or pipeline.config.reconstruction_weight,
+                 "reconstruction_weight": pipeline.config.reconstruction_weight if args.reconstruction_weight is None
+                 else args.reconstruction_weight,
                  "device": str(device),
                  "stages": [{"model": s.config.model, "pixels": list(s.shape),
                              **{k: to_dict(v) for k, v in zip(("sampler", "guidance"),

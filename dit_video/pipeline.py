@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
-import torch.nn.functional as F
 
 from vae import VideoVAE
 
@@ -237,13 +236,10 @@ class Pipeline:
             return dynamic_thresholding(distilled, guidance.threshold_percentile)
         return distilled
 
-    def _stage_view(self, stage: Stage, video: torch.Tensor) -> torch.Tensor:
-        """Output pixels as this stage sees them: at its frame rate and size."""
-        temporal, spatial = self.frames_ratio(stage), self.width // stage.shape[2]
-        return downsample_video(video, spatial=spatial, temporal=temporal if video.shape[2] > 1 else 1)
-
-    def frames_ratio(self, stage: Stage) -> int:
-        return (self.frames - 1) // (stage.shape[0] - 1) if stage.shape[0] > 1 else 1
+    def _stage_view(self, stage: Stage, video: torch.Tensor, keep_frames: bool = False) -> torch.Tensor:
+        """Output pixels as this stage sees them: at its size and (unless `keep_frames`) its frame rate."""
+        temporal = (self.frames - 1) // (stage.shape[0] - 1) if stage.shape[0] > 1 and not keep_frames else 1
+        return downsample_video(video, spatial=self.width // stage.shape[2], temporal=temporal)
 
     def _reconstruction(self, stage: Stage, denoiser: Denoiser, known: Known, shape, generator) -> Denoiser:
         if known.context is not None:  # the chunk's first frames are given: their latents, by a fresh encode
@@ -256,8 +252,7 @@ class Pipeline:
             return reconstruction_guidance(denoiser, values, mask, known.weight, method=known.method,
                                            generator=generator)
         # first and last frame given: guided through the decoder
-        ratio = self.width // stage.shape[2]
-        keyframes = F.avg_pool3d(known.keyframes, (1, ratio, ratio)) if ratio > 1 else known.keyframes
+        keyframes = self._stage_view(stage, known.keyframes, keep_frames=True)
 
         def first_and_last(x_hat: torch.Tensor) -> torch.Tensor:
             return self.vae.decode(x_hat)[:, :, [0, -1]]

@@ -166,13 +166,23 @@ def test_sample_py_size_rate_and_device_reach_the_file(folder, tmp_path, monkeyp
 
     from dit_video.data import video_info
 
+    thresholded = tmp_path / "thresholded"
+    shutil.copytree(folder, thresholded)
+    config = yaml.safe_load((thresholded / "pipeline.yaml").read_text())
+    config["guidance"]["threshold_percentile"] = 0.99
+    (thresholded / "pipeline.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
-    sample.main(["--model", str(folder), "--prompt", "a red circle", "--size", "16x32", "--fps", "4", "--frames", "5",
-                 "--device", "cpu", "--out", "wide.mp4"])
+    sample.main(["--model", str(thresholded), "--prompt", "a red circle", "--size", "16x32", "--fps", "4",
+                 "--frames", "5", "--device", "cpu", "--guidance", "3", "--reconstruction-weight", "0",
+                 "--out", "wide.mp4"])
     frames, fps, height, width = video_info(tmp_path / "wide.mp4")
     assert (frames, fps, height, width) == (5, 4.0, 16, 32)
     settings = yaml.safe_load((tmp_path / "wide.yaml").read_text())
     assert settings["size"] == [16, 32] and settings["fps"] == 4 and settings["device"] == "cpu"
+    assert settings["reconstruction_weight"] == 0  # as given, not the pipeline's
+    # --guidance sets the weight and keeps the pipeline's other guidance settings
+    assert all(s["guidance"]["weight"] == 3 and s["guidance"]["threshold_percentile"] == 0.99
+               for s in settings["stages"])
 
 
 @pytest.mark.parametrize("args, message", [

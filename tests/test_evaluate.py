@@ -1,0 +1,50 @@
+"""The pipeline evaluation command on a small untrained pipeline: the files it writes, that its
+numbers are the adherence judge's on the videos it made, and its bad-input errors."""
+
+import json
+
+import pytest
+import torch
+
+from dit_video.eval import evaluate
+from pipeline_checks import write_pipeline
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield write_pipeline(tmp_path_factory.mktemp("pipeline") / "tiny")
+    torch.set_num_threads(threads)
+
+
+def test_every_attribute_combination_is_a_prompt():
+    prompts = evaluate.all_prompts()
+    assert len(prompts) == 180 and len({p["caption"] for p in prompts}) == 180
+    assert prompts[0]["caption"] == "a blue circle moving down on a black background"
+
+
+@pytest.mark.parametrize("extension", [True, False])
+def test_the_report_holds_adherence_extension_and_vae_figures(folder, tmp_path, extension):
+    out = tmp_path / "eval"
+    evaluate.main(["--model", str(folder), "--out", str(out), "--limit", "3", "--seeds", "2", "--batch", "4"]
+                  + ([] if extension else ["--no-extension"]))
+    report = json.loads((out / "report.json").read_text())
+    assert report["videos"] == 6 and report["prompts"] == 3 and report["size"] == "9x16x16"
+    table = json.loads((out / "adherence.json").read_text())
+    assert table["accuracy"] == report["adherence"]["accuracy"]
+    assert table["clips"] == 6 and len(table["results"]) == 6  # one judged row per (prompt, seed)
+    assert (report["extension"] is not None) == extension
+    if extension:
+        assert set(report["extension"]) == {"guided", "replacement"}
+        assert all(fig["boundary_jump_mean"] > 0 for fig in report["extension"].values())
+    assert len(report["vae"]) == 4 and all(row["psnr"] > 0 for row in report["vae"])
+    assert (out / "report.md").read_text().startswith("# Evaluation of")
+    assert (out / "samples.png").stat().st_size > 0
+
+
+def test_bad_numbers_are_one_line_exit_2(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--model", str(folder), "--out", str(tmp_path / "eval"), "--seeds", "0"])
+    assert exit.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
