@@ -21,6 +21,29 @@ def assert_checkpointing_is_exact(make) -> None:
         torch.testing.assert_close(g0, g1)
 
 
+def assert_trains_from_its_initialization(model: torch.nn.Module, **inputs) -> None:
+    """From the real initialization (adaLN-Zero, zero-initialized projections; no randomized
+    weights): after two optimizer steps every parameter gets a gradient, and the first frame's
+    output depends on the last frame's input. A layer whose output and gate both start at zero
+    has zero gradient forever, and these checks catch it."""
+    torch.manual_seed(0)
+    model.train()
+    z, logsnr = torch.randn(2, 4, 5, 8, 8), torch.tensor([0.5, -1.0])
+    target = z.flip(2)  # the frames in reverse order: only learnable by mixing frames
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (model(z, logsnr, **inputs) - target).square().mean().backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    (model(z, logsnr, **inputs) - target).square().mean().backward()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not dead, f"parameters without gradient: {dead}"
+    z = z.clone().requires_grad_(True)
+    model(z, logsnr, **inputs)[:, :, 0].square().sum().backward()
+    assert z.grad[:, :, -1].abs().max() > 0, "the first frame's output ignores the last frame's input"
+
+
 def make_dit(name="dit", spatial="sincos", temporal="rope", randomize=True, **kwargs) -> DiT:
     """A tiny DiT with seeded weights; `randomize` moves them off adaLN-Zero's zeros, so that
     every path shows in the output."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from backbone_checks import assert_checkpointing_is_exact, make_dit as make
+from backbone_checks import assert_checkpointing_is_exact, assert_trains_from_its_initialization, make_dit as make
 
 
 VARIANTS = [(name, spatial, temporal) for name in ("dit", "dit3d") for spatial in ("sincos", "rope")
@@ -31,6 +31,14 @@ def test_images_in_a_video_batch_are_independent_frames(name, spatial, temporal)
             torch.testing.assert_close(joint[:, :, i:i + 1], single, rtol=1e-5, atol=1e-5)
         video = model(z, logsnr, text=text)
     assert not torch.allclose(video, joint, atol=1e-4)  # without is_image the frames do mix
+
+
+@pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
+def test_every_parameter_trains_from_the_real_initialization(name, spatial, temporal):
+    assert_trains_from_its_initialization(make(name, spatial, temporal, randomize=False, cond_channels=4),
+                                          text=torch.randn(2, 3, 8), text_mask=torch.tensor([[True] * 3, [False] * 3]),
+                                          cond=torch.randn(2, 4, 5, 8, 8),
+                                          cond_logsnr=torch.randn(2))
 
 
 @pytest.mark.parametrize("name", ["dit", "dit3d"])

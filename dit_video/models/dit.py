@@ -127,9 +127,10 @@ class FactorizedBlock(Block):
         w, h = cfg.width, cfg.heads
         self.norm_s, self.norm_t = (nn.LayerNorm(w, elementwise_affine=False, eps=1e-6) for _ in range(2))
         self.spatial = SelfAttention(w, h, cfg.attention_backend)
+        # The zero gate t_gate (adaLN-Zero) already makes the new temporal layer start as the
+        # identity. Zeroing its output projection as well would leave both factors of
+        # t_gate * temporal(h) at zero with zero gradient: the layer would never train.
         self.temporal = SelfAttention(w, h, cfg.attention_backend)
-        nn.init.zeros_(self.temporal.out.weight)  # a new temporal layer starts as the identity
-        nn.init.zeros_(self.temporal.out.bias)
 
     def forward(self, x, c, positions, text=None, text_mask=None):
         """x [B, T, N, W] tokens (T frames of N patches), c [B, W]."""
