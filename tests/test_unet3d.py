@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbone_checks import assert_checkpointing_is_exact
+from backbone_checks import assert_checkpointing_is_exact, assert_trains_from_its_initialization
 
 from dit_video.models import UNet3D, UNet3DConfig, build_backbone
 
@@ -45,6 +45,13 @@ def test_images_in_a_video_batch_are_independent_frames(temporal_conv):
             single = model(z[:, :, i:i + 1], logsnr, text=text, is_image=flag)
             torch.testing.assert_close(joint[:, :, i:i + 1], single, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(model(z, logsnr, text=text), joint, atol=1e-4)
+
+
+def test_every_parameter_trains_from_the_real_initialization():
+    assert_trains_from_its_initialization(make(randomize=False, cond_channels=4, temporal_conv=True),
+                                          text=torch.randn(2, 3, 8), text_mask=torch.tensor([[True] * 3, [False] * 3]),
+                                          cond=torch.randn(2, 4, 5, 8, 8),
+                                          cond_logsnr=torch.randn(2))
 
 
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():

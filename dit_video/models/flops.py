@@ -110,8 +110,7 @@ def _unet_flops(model: UNet3D, shape, text_len: int) -> float:
         flops += linear(cond.cond_noise.fc1, b) + linear(cond.cond_noise.fc2, b)
     if cfg.text_dim:
         flops += linear(cond.text_proj, b * text_len) + linear(cond.text_pool.fc1, b) + linear(cond.text_pool.fc2, b)
-        levels = set(cfg.attention_levels) | {len(cfg.channel_mult) - 1}
-        flops += sum(linear(model.text_to_level[i], b * text_len) for i in levels)
+        flops += sum(linear(layer, b * text_len) for layer in model.text_to_level.values())
     flops += conv(model.conv_in, t * h * w) + conv(model.conv_out, t * h * w)
     hh, ww = h, w
     for i, lv in enumerate(model.down):

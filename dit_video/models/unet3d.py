@@ -157,7 +157,10 @@ class UNet3D(nn.Module):
         self.conditioning = Conditioning(cfg.channels, width, cfg.cond_channels > 0, cfg.text_dim, chans[-1],
                                          cfg.guidance_input)
         self.conv_in = nn.Conv3d(cfg.in_channels + cfg.cond_channels, chans[0], (1, 3, 3), padding=(0, 1, 1))
-        self.text_to_level = nn.ModuleList(nn.Linear(chans[-1], c) if cfg.text_dim else nn.Identity() for c in chans)
+        # only the levels that attend to text get a projection: an unused one would never train
+        self.text_levels = sorted(set(cfg.attention_levels) | {len(chans) - 1})
+        self.text_to_level = nn.ModuleDict({str(i): nn.Linear(chans[-1], chans[i]) for i in self.text_levels}
+                                           if cfg.text_dim else {})
 
         self.down, self.downsample, skips, c = nn.ModuleList(), nn.ModuleList(), [chans[0]], chans[0]
         for i, c_out in enumerate(chans):
@@ -196,8 +199,7 @@ class UNet3D(nn.Module):
                                              guidance)
 
         # the text context in each attention level's width, projected once per forward
-        contexts = {i: None if context is None else self.text_to_level[i](context)
-                    for i in set(cfg.attention_levels) | {len(cfg.channel_mult) - 1}}
+        contexts = {i: None if context is None else self.text_to_level[str(i)](context) for i in self.text_levels}
 
         def block(level: Level, i: int, x: torch.Tensor, level_index: int) -> torch.Tensor:
             x = level.res[i](x, c, is_image)
