@@ -138,11 +138,12 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_in_use(setup, t
     assert set(losses(out)) == set(range(1, 9)) and all(losses(out)[s] == reference[s] for s in range(1, 7))
 
 
-@pytest.mark.parametrize("zero", [1, 2])
-def test_resume_with_fewer_processes_goes_through_a_universal_checkpoint(setup, tmp_path, zero):
+def test_resume_with_fewer_processes_goes_through_a_universal_checkpoint(setup, tmp_path):
+    # ZeRO-1 and ZeRO-2 share DeepSpeed's partitioned optimizer and its conversion; ZeRO-1 is the
+    # one no other test here trains with
     out = tmp_path / "run"
-    run(setup, out, 2, "train.steps=3", f"optim.zero={zero}")
-    result = run(setup, out, 1, "train.steps=5", f"optim.zero={zero}")
+    run(setup, out, 2, "train.steps=3", "optim.zero=1")
+    result = run(setup, out, 1, "train.steps=5", "optim.zero=1")
     assert "universal checkpoint" in result.stderr + result.stdout
     assert (out / "checkpoints/step_00000003/universal").is_dir()
     assert sorted(losses(out)) == [1, 2, 3, 4, 5]
