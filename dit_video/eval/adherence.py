@@ -334,7 +334,8 @@ def adherence(detections: Sequence[Detection], targets: Sequence[str | Mapping[s
     return _accuracy(_scored(detections, targets))
 
 
-def _value_order(attribute: str) -> list[str]:
+def attribute_values(attribute: str) -> list[str]:
+    """The values of an attribute in the synthetic domain, in its order."""
     return list({"shape": SHAPES, "color": COLORS, "direction": DIRECTIONS, "background": BACKGROUNDS}[attribute])
 
 
@@ -356,7 +357,7 @@ def adherence_table(detections: Sequence[Detection], targets: Sequence[str | Map
         seen = {r["target"][name] for r in rows if name in r["target"]}
         if not seen:
             continue
-        order = [v for v in _value_order(name) if v in seen] + sorted(seen - set(_value_order(name)))
+        order = [v for v in attribute_values(name) if v in seen] + sorted(seen - set(attribute_values(name)))
         per_value[name] = {}
         for value in order:
             subset = [r for r in rows if r["target"].get(name) == value]
