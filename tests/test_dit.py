@@ -145,6 +145,30 @@ def test_only_frame_differences_matter(name, spatial, temporal):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["dit", "dit3d"])
+def test_only_absolute_positions_let_the_output_vary_over_a_uniform_input(name):
+    """Relative positions (RoPE, the T5 bias) see only differences: on a clip whose tokens are all
+    equal, every token attends to equal values, so every output frame and patch is the same, and
+    text could never place an object (patch 1, since a patch's own pixels come out different). Sin-cos positions in space, and frame positions in time,
+    are what make the output vary over the frame and over the clip."""
+    z = torch.ones(1, 4, 3, 4, 4) * torch.randn(1, 4, 1, 1, 1)  # one latent vector everywhere
+    text, logsnr = torch.randn(1, 3, 8), torch.tensor([-8.0])
+
+    def spread(out):  # (over frames, over pixels) of the output
+        return (out - out.mean(2, keepdim=True)).abs().max().item(), \
+               (out - out.mean((3, 4), keepdim=True)).abs().max().item()
+
+    with torch.no_grad():
+        relative = spread(make(name, "rope", "rope", patch=(1, 1, 1))(z, logsnr, text=text))
+        spatial = spread(make(name, "sincos", "rope", patch=(1, 1, 1))(z, logsnr, text=text))
+        both = spread(make(name, "sincos", "rope", patch=(1, 1, 1), frame_positions="sincos")(z, logsnr, text=text))
+    assert relative[0] < 1e-5 and relative[1] < 1e-5
+    # (in dit3d, keys that differ in space let a token's frame show faintly: the offsets to the
+    # clip's ends differ from frame to frame)
+    assert spatial[0] < 1e-3 < 1e-2 < spatial[1]
+    assert both[0] > 1e-2 and both[1] > 1e-2
+
+
 def test_out_channels_can_differ_from_in_channels():
     # e.g. a model that also predicts a variance: 2x the latent channels out
     model = make(out_channels=8)

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import param
 from .attention import attention
 from .conditioning import Conditioning
-from .embeddings import RelativePositionBias, apply_rope, rope_frequencies, sincos_2d
+from .embeddings import RelativePositionBias, apply_rope, rope_frequencies, sincos_1d, sincos_2d
 
 SIZES = {"tiny": (64, 2, 2), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
@@ -48,6 +48,11 @@ class DiTConfig:
     mlp_ratio: float = param(4.0, gt=0)
     spatial_positions: Literal["sincos", "rope"] = "sincos"
     temporal_positions: Literal["rope", "t5_bias"] = "rope"
+    # Relative temporal positions alone do not tell a token which frame of the clip it is in, and
+    # RoPE spatial positions do not tell it where in the frame it is: then text cannot set the
+    # layout over time ("moving right": left at the start, right at the end). "sincos" adds each
+    # frame's index to its tokens, counted from the clip's first frame.
+    frame_positions: Literal["none", "sincos"] = "none"
     base_grid: int = param(16, ge=1)  # sin-cos positions are scaled so that this many patches span the frame
     attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     gradient_checkpointing: bool = False
@@ -202,6 +207,8 @@ class DiT(nn.Module):
         positions = self._positions(gt, gh, gw, x)
         if cfg.spatial_positions == "sincos":
             x = x + sincos_2d(gh, gw, cfg.width, scale=cfg.base_grid / max(gh, gw), device=x.device).to(x.dtype)
+        if cfg.frame_positions == "sincos":
+            x = x + sincos_1d(torch.arange(gt, device=x.device, dtype=torch.float32), cfg.width)[:, None].to(x.dtype)
         if is_image is not None and is_image.any():
             if cfg.name == "dit":
                 positions["temporal_bias"] = self._image_mask(is_image, gh * gw, gt, positions["temporal_bias"], x)

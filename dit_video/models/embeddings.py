@@ -36,10 +36,11 @@ def sincos_2d(height: int, width: int, dim: int, scale: float = 1.0, device=None
     ys = torch.arange(height, device=device, dtype=torch.float32) * scale
     xs = torch.arange(width, device=device, dtype=torch.float32) * scale
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.cat([_sincos_1d(grid_y.flatten(), dim // 2), _sincos_1d(grid_x.flatten(), dim // 2)], dim=1)
+    return torch.cat([sincos_1d(grid_y.flatten(), dim // 2), sincos_1d(grid_x.flatten(), dim // 2)], dim=1)
 
 
-def _sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N] positions -> [N, dim] fixed sin-cos embedding (sines, then cosines)."""
     freqs = 1.0 / 10_000 ** (torch.arange(dim // 2, device=positions.device, dtype=torch.float32) / (dim // 2))
     angles = positions[:, None] * freqs
     return torch.cat([angles.sin(), angles.cos()], dim=1)
