@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # DeepSpeed picks its accelerator at import; without a GPU it must be told to use the CPU.
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo demo-toy test test-fast install clean
 
 install: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
+# A prompt through the shipped cascade (checkpoints/tiny): mp4, GIF and contact sheet in outputs/.
 demo: $(STAMP)
+	$(PY) sample.py --prompt "a red circle moving right on a gray background" --out outputs/demo.mp4 --gif --sheet
+
+# The samplers on a 2D toy distribution with its exact denoiser: outputs/toy2d/samplers.png.
+demo-toy: $(STAMP)
 	$(PY) -m dit_video.toy2d configs/toy/samplers2d.yaml
 
 # pytest exits 5 when it collected nothing: for this suite that is a failure, said plainly.
