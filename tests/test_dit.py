@@ -148,9 +148,10 @@ def test_only_frame_differences_matter(name, spatial, temporal):
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
 def test_only_absolute_positions_let_the_output_vary_over_a_uniform_input(name):
     """Relative positions (RoPE, the T5 bias) see only differences: on a clip whose tokens are all
-    equal, every token attends to equal values, so every output frame and patch is the same, and
-    text could never place an object (patch 1, since a patch's own pixels come out different). Sin-cos positions in space, and frame positions in time,
-    are what make the output vary over the frame and over the clip."""
+    equal, every token attends to equal values, so every output frame and patch is the same. Only
+    the edges of the frame and clip can then tell a model where and when an object is. Sin-cos
+    positions in space, and frame positions in time, make the output vary over the frame and over
+    the clip. (Patch 1: a patch's own pixels come out different anyway.)"""
     z = torch.ones(1, 4, 3, 4, 4) * torch.randn(1, 4, 1, 1, 1)  # one latent vector everywhere
     text, logsnr = torch.randn(1, 3, 8), torch.tensor([-8.0])
 

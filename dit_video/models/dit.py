@@ -48,10 +48,10 @@ class DiTConfig:
     mlp_ratio: float = param(4.0, gt=0)
     spatial_positions: Literal["sincos", "rope"] = "sincos"
     temporal_positions: Literal["rope", "t5_bias"] = "rope"
-    # Relative temporal positions alone do not tell a token which frame of the clip it is in, and
-    # RoPE spatial positions do not tell it where in the frame it is: then text cannot set the
-    # layout over time ("moving right": left at the start, right at the end). "sincos" adds each
-    # frame's index to its tokens, counted from the clip's first frame.
+    # Relative temporal positions tell a token which frame of the clip it is in only through the
+    # clip's ends (and RoPE spatial positions where it is only through the frame's edges): a weak
+    # cue for text that sets the layout over time ("moving right": left at the start, right at
+    # the end). "sincos" adds each frame's index to its tokens, counted from the clip's first frame.
     frame_positions: Literal["none", "sincos"] = "none"
     base_grid: int = param(16, ge=1)  # sin-cos positions are scaled so that this many patches span the frame
     attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
