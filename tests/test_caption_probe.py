@@ -69,6 +69,14 @@ def test_the_command_prints_and_writes_the_table(setup, tmp_path, capsys):
     figures = json.loads(out.read_text())
     assert figures["clips"] == 4 and [row["logsnr"] for row in figures["rows"]] == [-1.0, 1.0]
     assert all(row["mse"]["true"] > 0 and set(row["increase"]) == set(ATTRIBUTES) for row in figures["rows"])
+    # this folder's raw weights equal its EMA weights (write_pipeline saves them so): same figures;
+    # another noise seed: other figures
+    runs = {}
+    for weights, seed in (("model", "0"), ("ema", "1")):
+        main(["--model", str(setup / "pipeline/base"), "--latents", str(setup / "cache"), "--clips", "4",
+              "--logsnr", "-1", "1", "--weights", weights, "--seed", seed, "--json", str(tmp_path / "again.json")])
+        runs[weights] = json.loads((tmp_path / "again.json").read_text())["rows"]
+    assert runs["model"] == figures["rows"] and runs["ema"] != figures["rows"]
 
 
 @pytest.mark.parametrize("args, message", [
