@@ -183,7 +183,12 @@ def test_a_video_written_in_pieces_is_the_video_written_at_once(tmp_path):
             writer.write(piece)
         assert not (tmp_path / "pieces.mp4").exists()  # the file appears when the block ends
     assert writer.frames == video.shape[1]
-    assert torch.equal(read_video(tmp_path / "pieces.mp4"), read_video(tmp_path / "once.mp4"))
+    pieces, once = read_video(tmp_path / "pieces.mp4"), read_video(tmp_path / "once.mp4")
+    # Not bit-equal: x264's frame threads decide rate control on partial feedback, so two encodes
+    # of the same frames can differ by a few levels. A lost, repeated or reordered frame of the
+    # moving square would differ by the square's whole contrast.
+    assert pieces.shape == once.shape
+    assert (pieces - once).abs().max() <= 16 / 127.5 and (pieces - once).abs().mean() <= 1 / 127.5
 
 
 def test_a_streamed_write_that_fails_midway_leaves_nothing(tmp_path):
