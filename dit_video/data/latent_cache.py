@@ -21,7 +21,6 @@ that encoding on the fly would give (up to float rounding between batch sizes, ~
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from vae import VAEConfig, VideoVAE
 
 from ..cli import UsageError, exits_cleanly
 from ..config import from_dict, read_yaml, to_dict
-from ..files import atomic_dir
+from ..files import atomic_dir, sha256_file
 from .dataset import Entry, MediaDataset, Shape, read_manifest
 from .video import VideoError
 
@@ -77,15 +76,7 @@ def vae_identity(vae_dir: str | os.PathLike) -> dict:
     weights = vae_dir / "model.safetensors"
     with safe_open(weights, "pt") as f:
         shift, scale = f.get_tensor("latent_shift").tolist(), f.get_tensor("latent_scale").tolist()
-    return {"config": to_dict(config), "latent_shift": shift, "latent_scale": scale, "weights_sha256": _sha256(weights)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {"config": to_dict(config), "latent_shift": shift, "latent_scale": scale, "weights_sha256": sha256_file(weights)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +105,7 @@ def cache_latents(manifest: str | os.PathLike, vae_dir: str | os.PathLike, shape
     for shape in shapes:
         check_shape(shape, vae)
     common = {"vae": {"dir": str(vae_dir), **vae_identity(vae_dir)}, "manifest": str(manifest),
-              "manifest_sha256": _sha256(Path(manifest)), "fps": fps, "stride": stride, "windows": windows,
+              "manifest_sha256": sha256_file(Path(manifest)), "fps": fps, "stride": stride, "windows": windows,
               "dtype": "float32"}
     reported: set[str] = set()  # files already printed as skipped, at any shape
     for shape in shapes:

@@ -1,7 +1,10 @@
 """What a run shows and keeps, on rank 0: a progress bar with loss, throughput and ETA, and the
 metrics as JSONL (`metrics.jsonl`) and TensorBoard (`tensorboard/`) under the run's folder.
 
-On resume the JSONL is cut back to the checkpoint's step, so that the file reads as one run.
+Each record also holds the throughput since the last one (`samples_per_s`), the training time so
+far (`elapsed_s`, summed over resumes) and the peak memory so far (`peak_memory_mib`: what tensors
+took on a CUDA device, else the process's peak resident set). On resume the JSONL is cut back to
+the checkpoint's step, so that the file reads as one run.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+
+from ..system import peak_resident_bytes
 
 
 class RunLog:
@@ -20,7 +26,7 @@ class RunLog:
         self.bar = self.writer = None
         if not self.active:
             return
-        self._truncate(start_step)
+        self.elapsed = self._truncate(start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -28,12 +34,14 @@ class RunLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self.last_time, self.samples = time.perf_counter(), 0
 
-    def _truncate(self, step: int) -> None:
+    def _truncate(self, step: int) -> float:
+        """Cut the records after `step`; the training time up to it."""
         if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
+            return 0.0
+        kept = [json.loads(line) for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        return kept[-1].get("elapsed_s", 0.0) if kept else 0.0
 
     def step(self, step: int, samples: int, metrics: dict[str, float], write: bool) -> None:
         """Advance the bar by one optimizer step of `samples` samples (all processes); every
@@ -45,7 +53,9 @@ class RunLog:
         if not write:
             return
         now = time.perf_counter()
-        record = {"step": step, **metrics, "samples_per_s": self.samples / max(now - self.last_time, 1e-9)}
+        self.elapsed += now - self.last_time
+        record = {"step": step, **metrics, "samples_per_s": self.samples / max(now - self.last_time, 1e-9),
+                  "elapsed_s": self.elapsed, "peak_memory_mib": peak_memory_mib()}
         self.last_time, self.samples = now, 0
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -64,3 +74,11 @@ class RunLog:
             self.bar.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def peak_memory_mib() -> float:
+    """Peak memory of this process so far: tensors on the CUDA device when one is in use, else its
+    own peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_resident_bytes() / 2**20
