@@ -105,9 +105,10 @@ def test_xformers_reports_the_kernels_that_run():
         assert family in kernels, (ops, kernels[:500])
 
 
+@pytest.mark.parametrize("text_attention", ["cross", "joint"])
 @pytest.mark.parametrize("backend", ["sdpa", "xformers"])
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
-def test_dit_in_bfloat16_on_cuda_matches_the_float32_math_reference(name, backend):
+def test_dit_in_bfloat16_on_cuda_matches_the_float32_math_reference(name, backend, text_attention):
     from backbone_checks import make_dit
 
     from dit_video.models import resolve_backend
@@ -119,8 +120,8 @@ def test_dit_in_bfloat16_on_cuda_matches_the_float32_math_reference(name, backen
     mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     inputs = dict(logsnr=torch.tensor([0.5, -3.0]), text=text, text_mask=mask)
     outputs = []
-    reference = make_dit(name, "rope", "t5_bias")
-    tested = make_dit(name, "rope", "t5_bias", attention_backend=backend)
+    reference = make_dit(name, "rope", "t5_bias", text_attention=text_attention)
+    tested = make_dit(name, "rope", "t5_bias", attention_backend=backend, text_attention=text_attention)
     for model, device, dtype in ((reference, "cpu", torch.float32), (tested, "cuda", torch.bfloat16)):
         model = model.to(device=device, dtype=dtype).train()
         out = model(z.to(device, dtype), **{k: v.to(device) if v.dtype == torch.bool else v.to(device, dtype)

@@ -3,25 +3,29 @@
 import pytest
 import torch
 
+from dit_video.models.dit import SelfAttention
 from backbone_checks import assert_checkpointing_is_exact, assert_trains_from_its_initialization, make_dit as make
 
 
 VARIANTS = [(name, spatial, temporal) for name in ("dit", "dit3d") for spatial in ("sincos", "rope")
             for temporal in ("rope", "t5_bias")]
+TEXT = pytest.mark.parametrize("text_attention", ["cross", "joint"])
 
 
+@TEXT
 @pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
-def test_an_untrained_model_outputs_exactly_zero(name, spatial, temporal):
-    model = make(name, spatial, temporal, randomize=False, cond_channels=4)
+def test_an_untrained_model_outputs_exactly_zero(name, spatial, temporal, text_attention):
+    model = make(name, spatial, temporal, randomize=False, cond_channels=4, text_attention=text_attention)
     z = torch.randn(2, 4, 3, 8, 12)
     out = model(z, torch.randn(2), text=torch.randn(2, 5, 8), cond=torch.randn(2, 4, 3, 8, 12),
                 cond_logsnr=torch.randn(2), is_image=torch.tensor([True, False]))
     assert out.shape == z.shape and torch.equal(out, torch.zeros_like(out))
 
 
+@TEXT
 @pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
-def test_images_in_a_video_batch_are_independent_frames(name, spatial, temporal):
-    model = make(name, spatial, temporal)
+def test_images_in_a_video_batch_are_independent_frames(name, spatial, temporal, text_attention):
+    model = make(name, spatial, temporal, text_attention=text_attention)
     z, logsnr = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.3])
     text = torch.randn(1, 3, 8)
     with torch.no_grad():
@@ -33,12 +37,13 @@ def test_images_in_a_video_batch_are_independent_frames(name, spatial, temporal)
     assert not torch.allclose(video, joint, atol=1e-4)  # without is_image the frames do mix
 
 
+@TEXT
 @pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
-def test_every_parameter_trains_from_the_real_initialization(name, spatial, temporal):
-    assert_trains_from_its_initialization(make(name, spatial, temporal, randomize=False, cond_channels=4),
-                                          text=torch.randn(2, 3, 8), text_mask=torch.tensor([[True] * 3, [False] * 3]),
-                                          cond=torch.randn(2, 4, 5, 8, 8),
-                                          cond_logsnr=torch.randn(2))
+def test_every_parameter_trains_from_the_real_initialization(name, spatial, temporal, text_attention):
+    model = make(name, spatial, temporal, randomize=False, cond_channels=4, text_attention=text_attention)
+    assert_trains_from_its_initialization(model, text=torch.randn(2, 3, 8),
+                                          text_mask=torch.tensor([[True] * 3, [False] * 3]),
+                                          cond=torch.randn(2, 4, 5, 8, 8), cond_logsnr=torch.randn(2))
 
 
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
@@ -50,8 +55,10 @@ def test_one_model_runs_at_any_size_aspect_and_length(name):
             assert out.shape == shape and torch.isfinite(out).all()
 
 
-def test_text_mask_hides_padding_tokens():
-    model = make()
+@TEXT
+@pytest.mark.parametrize("name", ["dit", "dit3d"])
+def test_text_mask_hides_padding_tokens(name, text_attention):
+    model = make(name, text_attention=text_attention)
     z, logsnr = torch.randn(1, 4, 2, 8, 8), torch.zeros(1)
     text = torch.randn(1, 4, 8)
     mask = torch.tensor([[True, True, False, False]])
@@ -64,11 +71,12 @@ def test_text_mask_hides_padding_tokens():
         assert model(z, logsnr).shape == z.shape  # no text: the learned null embedding
 
 
+@TEXT
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
-def test_an_all_false_text_mask_means_the_null_text(name):
+def test_an_all_false_text_mask_means_the_null_text(name, text_attention):
     """Caption dropout in training masks a sample's whole caption; that sample must see exactly
     what sampling without text (the unconditional branch of guidance) sees."""
-    model = make(name)
+    model = make(name, text_attention=text_attention)
     z, logsnr = torch.randn(2, 4, 2, 8, 8), torch.tensor([0.0, 1.0])
     text, mask = torch.randn(2, 4, 8), torch.tensor([[True, True, True, False], [False] * 4])
     with torch.no_grad():
@@ -93,9 +101,10 @@ def test_cascade_conditioning_enters_the_output():
         model(z, logsnr, cond=cond)
 
 
+@TEXT
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
-def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(name):
-    assert_checkpointing_is_exact(lambda **kwargs: make(name, **kwargs))
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(name, text_attention):
+    assert_checkpointing_is_exact(lambda **kwargs: make(name, text_attention=text_attention, **kwargs))
 
 
 def test_latent_sizes_must_fit_the_patch():
@@ -126,11 +135,14 @@ def test_build_backbone_refuses_unknown_names_and_keys():
         build_backbone({"name": "dit", "hidden": 3})
 
 
+@TEXT
 @pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
-def test_only_frame_differences_matter(name, spatial, temporal):
+def test_only_frame_differences_matter(name, spatial, temporal, text_attention):
     # Run the blocks with every frame position moved by 1000: with relative temporal positions
-    # (RoPE or the T5 bias) and no absolute time embedding, nothing may change.
-    model = make(name, spatial, temporal)
+    # (RoPE or the T5 bias) and no absolute time embedding, nothing may change. Except where the
+    # text joins dit3d's attention with RoPE in time: the text keys carry no rotation, so the
+    # attention to them sees each frame's index (documented, as in CogVideoX).
+    model = make(name, spatial, temporal, text_attention=text_attention)
     x = torch.randn(2, 5, 16, 64)  # [B, T, N, W] tokens
     c, text = torch.randn(2, 64), torch.randn(2, 3, 64)
     mask = torch.ones(2, 3, dtype=torch.bool)
@@ -142,7 +154,10 @@ def test_only_frame_differences_matter(name, spatial, temporal):
             for block in model.blocks:
                 h = block(h, c, positions, text, mask)
             outputs.append(h)
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    if name == "dit3d" and temporal == "rope" and text_attention == "joint":
+        assert (outputs[0] - outputs[1]).abs().max() > 1e-2
+    else:
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
@@ -175,3 +190,43 @@ def test_out_channels_can_differ_from_in_channels():
     model = make(out_channels=8)
     with torch.no_grad():
         assert model(torch.randn(1, 4, 2, 8, 8), torch.zeros(1)).shape == (1, 8, 2, 8, 8)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_joint_text_attention_is_softmax_over_the_tokens_and_the_unmasked_text(groups):
+    """`text_attention: joint` written out: every token's query against its own group's keys (with
+    the position bias) and its sample's text keys (no bias), padded text tokens left out. Groups:
+    the frames of the factorized spatial attention, which share their sample's text."""
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2, "sdpa", text=True)
+    b, n, l_text = 2, 5, 4
+    x, text = torch.randn(b * groups, n, 16), torch.randn(b, l_text, 16)
+    text_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    bias = torch.randn(1, 2, n, n)
+    with torch.no_grad():
+        out = attn(x, bias=bias, text=text, text_mask=text_mask)
+        q, k, v = attn.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        text_k, text_v = attn.text_kv(text).unflatten(-1, (2, 2, 8)).permute(2, 0, 3, 1, 4)
+        for i in range(b * groups):
+            sample = i // groups
+            keep = text_mask[sample]
+            keys = torch.cat([k[i], text_k[sample][:, keep]], dim=1)
+            values = torch.cat([v[i], text_v[sample][:, keep]], dim=1)
+            scores = q[i] @ keys.transpose(-1, -2) / 8 ** 0.5
+            scores[:, :, :n] += bias[0]
+            expected = attn.out((scores.softmax(-1) @ values).transpose(0, 1).flatten(1))
+            torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_joint_text_attention_replaces_the_cross_attention():
+    cross, joint = (make("dit3d", text_attention=kind) for kind in ("cross", "joint"))
+    assert joint.blocks[0].cross is None and joint.blocks[0].attn.text_kv is not None
+    assert cross.blocks[0].cross is not None and cross.blocks[0].attn.text_kv is None
+    # the text's own key/value projection stays; the query, output projections and LayerNorm go
+    saved = sum(p.numel() for m in (cross.blocks[0].cross.q, cross.blocks[0].cross.out, cross.blocks[0].norm_c)
+                for p in m.parameters())
+    per_block = sum(p.numel() for p in cross.parameters()) - sum(p.numel() for p in joint.parameters())
+    assert per_block == saved * len(cross.blocks)
+    z, text = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 3, 8)
+    with torch.no_grad():  # the text reaches the output through the attention alone
+        assert not torch.allclose(joint(z, torch.zeros(1), text=text), joint(z, torch.zeros(1), text=text + 1))

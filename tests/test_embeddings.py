@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dit_video.models.embeddings import (RelativePositionBias, apply_rope, fourier_features, rope_frequencies,
+from dit_video.models.embeddings import (RelativePositionBias, apply_rope, fourier_features, rope_rotations,
                                          sincos_2d, t5_bucket)
 
 
@@ -34,13 +34,27 @@ def test_rope_scores_depend_only_on_position_differences():
     positions = torch.arange(6.0)
 
     def scores(offset: float) -> torch.Tensor:
-        angles = rope_frequencies(positions + offset, 32)
-        return apply_rope(q, angles) @ apply_rope(k, angles).transpose(-1, -2)
+        rotations = rope_rotations(positions + offset, 32)
+        return apply_rope(q, rotations) @ apply_rope(k, rotations).transpose(-1, -2)
 
     torch.testing.assert_close(scores(0.0), scores(37.0), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(scores(0.0), q @ k.transpose(-1, -2), atol=1e-2)  # it does rotate
-    angles = rope_frequencies(positions, 32)
-    torch.testing.assert_close(apply_rope(q, angles).norm(dim=-1), q.norm(dim=-1))  # a rotation
+    rotations = rope_rotations(positions, 32)
+    torch.testing.assert_close(apply_rope(q, rotations).norm(dim=-1), q.norm(dim=-1))  # a rotation
+
+
+def test_rope_rotates_each_channel_pair_by_position_times_its_frequency():
+    """Against the textbook form: pair i of position p turns by p * 10000^(-2i / dim)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64)
+    positions = torch.tensor([0.0, 1.0, 2.5, 7.0, 100.0])
+    angles = positions[:, None].double() * 10_000.0 ** (-torch.arange(0, 8, 2).double() / 8)
+    a, b = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack([a * angles.cos() - b * angles.sin(), a * angles.sin() + b * angles.cos()], -1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, rope_rotations(positions, 8)).double(), expected, rtol=1e-5, atol=1e-5)
+    half = apply_rope(x.to(torch.bfloat16), rope_rotations(positions, 8))  # computed in float32, returned as given
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_t5_buckets_match_hand_computed_values():

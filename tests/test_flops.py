@@ -7,10 +7,11 @@ from dit_video.models.flops import count_flops, count_parameters
 
 
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
-@pytest.mark.parametrize("text_dim, cond_channels", [(0, 0), (16, 4)])
-def test_analytic_flops_match_the_measured_count(name, text_dim, cond_channels):
+@pytest.mark.parametrize("text_dim, cond_channels, text_attention", [(0, 0, "cross"), (16, 4, "cross"),
+                                                                     (16, 0, "joint")])
+def test_analytic_flops_match_the_measured_count(name, text_dim, cond_channels, text_attention):
     model = DiT(DiTConfig(name=name, size="tiny", text_dim=text_dim, cond_channels=cond_channels,
-                          attention_backend="math", temporal_positions="t5_bias"))
+                          attention_backend="math", temporal_positions="t5_bias", text_attention=text_attention))
     shape = (2, 4, 5, 16, 12)
     kwargs = {}
     if text_dim:

@@ -3,7 +3,7 @@ so one model runs at any resolution, aspect ratio and length.
 
 - `fourier_features(logsnr, dim)`: sin/cos of the log-SNR at geometric frequencies.
 - `sincos_2d(height, width, dim, scale)`: absolute 2D positions for the spatial tokens.
-- `rope_frequencies` / `apply_rope`: rotary embeddings; q.k then depends on positions only
+- `rope_rotations` / `apply_rope`: rotary embeddings; q.k then depends on positions only
   through their difference.
 - `RelativePositionBias`: the T5 bucketed relative position bias (the VDM choice for time).
 """
@@ -46,21 +46,22 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def rope_frequencies(positions: torch.Tensor, dim: int, base: float = 10_000.0) -> torch.Tensor:
-    """Rotation angles [L, dim / 2] for rotary embeddings at (float) `positions` [L]."""
+def rope_rotations(positions: torch.Tensor, dim: int, base: float = 10_000.0) -> torch.Tensor:
+    """The rotations of rotary embeddings at (float) `positions` [L]: unit complex numbers
+    [L, dim / 2], one per channel pair, of angle position * base^(-2i / dim)."""
     if dim % 2:
         raise ValueError(f"rotary dim must be even, got {dim}")
     inv = 1.0 / base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    return positions.float()[:, None] * inv
+    angles = positions.float()[:, None] * inv
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x [..., L, dim] by `angles` [L, dim / 2]."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = angles.cos(), angles.sin()
-    a, b = x_pairs[..., 0], x_pairs[..., 1]
-    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x [..., L, dim] by `rotations` [L, dim / 2], in float32.
+    As one complex product, forward and backward, this is several times faster than the same
+    rotation written with real cos / sin products (which need a copy of x with its pairs swapped)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
 def t5_bucket(relative: torch.Tensor, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:

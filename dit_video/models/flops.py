@@ -59,9 +59,10 @@ def _dit_flops(model: DiT, shape, text_len: int) -> float:
         per_block += linear(b, width, 6 * width)
         per_block += linear(b * tokens, width, 3 * width) + linear(b * tokens, width, width)
         per_block += attention_core(b, tokens, tokens)
-    if cfg.text_dim:
-        per_block += 2 * linear(b * tokens, width, width) + linear(b * text_len, width, 2 * width)
-        per_block += attention_core(b, tokens, text_len)
+    if cfg.text_dim:  # keys and values of the text, and the attention of every token to them
+        per_block += linear(b * text_len, width, 2 * width) + attention_core(b, tokens, text_len)
+        if cfg.text_attention == "cross":  # its own query and output projections
+            per_block += 2 * linear(b * tokens, width, width)
     flops += cfg.depth * per_block
     flops += linear(b, width, 2 * width) + linear(b * tokens, width, model.out_channels * pt * ph * pw)
     return flops
