@@ -13,12 +13,13 @@ export DS_ACCELERATOR ?= cpu
 install: $(STAMP)
 
 # torch first and pinned (a CUDA build that also runs on CPU): DeepSpeed builds from source
-# against the installed torch, hence --no-build-isolation for the project install.
+# against the installed torch, hence --no-build-isolation for the project install. The bench
+# extra too: a test checks the benchmark's diffusers Latte and CogVideoX arms.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench]'
 	touch $(STAMP)
 
 # A prompt through the shipped cascade (checkpoints/tiny): mp4, GIF and contact sheet in outputs/.

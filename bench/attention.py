@@ -15,7 +15,6 @@ table and writes JSON (default bench/results/attention_<device>.json).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -27,11 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cuda_kernel_shares, machine  # noqa: E402
-from dit_video.files import write_text_atomic  # noqa: E402
+from bench.common import DTYPES, check_device, cuda_kernel_shares, write_result  # noqa: E402
+from dit_video.cli import UsageError, exits_cleanly  # noqa: E402
 from dit_video.models import attention, resolve_backend, xformers_kernels  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dit_video.system import machine_name  # noqa: E402
 
 
 def cases(args) -> dict[str, dict]:
@@ -62,7 +60,7 @@ def inputs(case: dict, args, device, dtype, seed: int):
     return leaves, mask
 
 
-def run(backend: str, leaves, mask, grad_out):
+def run_backend(backend: str, leaves, mask, grad_out):
     q, k, v, *bias = leaves
     for x in leaves:
         x.grad = None
@@ -93,43 +91,51 @@ def step_time(backend: str, leaves, mask, grad_out, repeats: int) -> float:
     """Median seconds of one forward + backward."""
     cuda = leaves[0].device.type == "cuda"
     for _ in range(3):
-        run(backend, leaves, mask, grad_out)
+        run_backend(backend, leaves, mask, grad_out)
     times = []
     for _ in range(repeats):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run(backend, leaves, mask, grad_out)
+            run_backend(backend, leaves, mask, grad_out)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
             begin = time.perf_counter()
-            run(backend, leaves, mask, grad_out)
+            run_backend(backend, leaves, mask, grad_out)
             times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
 
 def gpu_kernels(backend: str, leaves, mask, grad_out, top: int = 4) -> list[str]:
     """The GPU kernels of one forward + backward, the `top` longest first, with their time share."""
-    shares = cuda_kernel_shares(lambda: run(backend, leaves, mask, grad_out))[:top]
+    shares = cuda_kernel_shares(lambda: run_backend(backend, leaves, mask, grad_out))[:top]
     return [f"{100 * share:.0f}% {name[:90]}" for name, share in shares]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--patches", type=int, default=16, help="patches per side of a frame")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=72)
-    parser.add_argument("--text-len", type=int, default=77)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # shows which kernels "auto" picked
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--patches", type=int, default=16, help="patches per side of a frame")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=72)
+    p.add_argument("--text-len", type=int, default=77)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default=None)
+    return p
 
+
+def check(args) -> None:
+    check_device(args.device)
+    if min(args.frames, args.patches, args.heads, args.head_dim, args.text_len, args.repeats) < 1:
+        raise UsageError("--frames, --patches, --heads, --head-dim, --text-len and --repeats must be >= 1")
+
+
+def run(args) -> dict:
+    """Every case on every backend: prints the table as it goes, returns a JSON-ready dict."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cuda = device.type == "cuda"
     backends = ["math", "sdpa"] + (["xformers"] if cuda and resolve_backend(device) == "xformers" else [])
@@ -141,7 +147,7 @@ def main() -> None:
         grad_out = torch.randn(leaves[0].shape, device=device, generator=torch.Generator(device).manual_seed(99))
         ref = reference(leaves, mask, grad_out)
         for backend in backends:
-            errors = relative_errors(run(backend, leaves, mask, grad_out), ref)
+            errors = relative_errors(run_backend(backend, leaves, mask, grad_out), ref)
             row = {"case": name, **case, "backend": backend, "ms": 1e3 * step_time(backend, leaves, mask, grad_out,
                                                                                    args.repeats),
                    "errors": dict(zip(["out", "dq", "dk", "dv", "dbias"], errors))}
@@ -160,12 +166,36 @@ def main() -> None:
             ops = row.get("xformers_ops")
             via = f" [xformers {ops['forward']} / {ops['backward']}]" if ops else ""
             print(f"  {row['case']:<20} {row['backend']:<9}{via}: " + "; ".join(row["kernels"]))
-    result = {"machine": machine(args.device), "torch": torch.__version__, "dtype": args.dtype,
-              "shape": {k: getattr(args, k) for k in ("frames", "patches", "heads", "head_dim", "text_len")},
-              "auto_backend": resolve_backend(device), "rows": rows}
-    out = Path(args.out or ROOT / f"bench/results/attention_{device.type}.json")
-    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
-    print(f"{result['machine']} -> {out}")
+    return {"machine": machine_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
+            "shape": {k: getattr(args, k) for k in ("frames", "patches", "heads", "head_dim", "text_len")},
+            "auto_backend": resolve_backend(device), "rows": rows}
+
+
+def draw(ax, result: dict) -> None:
+    """A panel: ms of a forward + backward per case, a bar per backend."""
+    cases = list(dict.fromkeys(r["case"] for r in result["rows"]))
+    backends = list(dict.fromkeys(r["backend"] for r in result["rows"]))
+    width = 0.8 / len(backends)
+    for i, backend in enumerate(backends):
+        ms = {r["case"]: r["ms"] for r in result["rows"] if r["backend"] == backend}
+        ax.bar([c + i * width for c in range(len(cases))], [ms[c] for c in cases], width, label=backend)
+    ax.set_xticks([c + width * (len(backends) - 1) / 2 for c in range(len(cases))], cases, rotation=20, ha="right",
+                  fontsize=7)
+    shape = result["shape"]
+    ax.set(yscale="log", ylabel="ms, forward + backward",
+           title=f"attention: {shape['frames']} frames of {shape['patches']}x{shape['patches']}, "
+                 f"{shape['heads']} heads x {shape['head_dim']}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    check(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # shows which kernels "auto" picked
+    result = run(args)
+    write_result(result, args.out, "attention", args.device)
 
 
 if __name__ == "__main__":

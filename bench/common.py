@@ -1,29 +1,46 @@
-"""What the benchmarks share: naming the machine, and peak memory on CPU and CUDA."""
+"""What the benchmarks share: dtypes by name, checking the device, a worker process for peak
+memory on CPU, where results go, and writing a figure. (The machine's name and this process's
+memory: dit_video.system, which the run log uses too.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
 import subprocess
+
+from pathlib import Path
 
 import torch
 
+from dit_video.cli import UsageError
+from dit_video.files import atomic_path, write_text_atomic
 
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: the benchmarks run on cpu or cuda")
+
+
+def result_path(out: str | None, name: str, device: str) -> Path:
+    """`out`, or by default bench/results/NAME_cpu.json (or _cuda): the kind of machine in the name."""
+    return Path(out) if out else RESULTS / f"{name}_{torch.device(device).type}.json"
+
+
+def write_result(result: dict, out: str | None, name: str, device: str) -> Path:
+    """Write a benchmark's result as JSON at `result_path` and say where, with the machine."""
+    path = result_path(out, name, device)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    print(f"{result['machine']} -> {path}")
+    return path
 
 
 def run_worker(cmd: list[str], for_memory: bool) -> object:
@@ -49,3 +66,21 @@ def cuda_kernel_shares(fn) -> list[tuple[str, float]]:
             totals[event.name] = totals.get(event.name, 0.0) + event.device_time
     whole = sum(totals.values()) or 1.0
     return sorted(((name, t / whole) for name, t in totals.items()), key=lambda kv: -kv[1])
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures are files, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    pyplot().close(fig)

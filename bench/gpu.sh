@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every check and benchmark that needs a CUDA GPU, in one go, for a machine where one is at hand:
-#   bash bench/gpu.sh OUT_DIR [STEP ...]     (steps: tests attention ditxl sweep vae; default all)
+#   bash bench/gpu.sh OUT_DIR [STEP ...]     (steps: tests attention ditxl sweep vae report; default all)
 # Runs the CUDA tests (with the model and attention tests beside them), then the attention,
-# backbone and VAE benchmarks, writing logs and JSON to OUT_DIR. Each step has a time limit and a
-# failing step does not stop the others; the exit status says whether all passed.
+# backbone and VAE benchmarks and the whole performance report (bench/report.py), writing logs,
+# JSON and plots to OUT_DIR. Each step has a time limit and a failing step does not stop the
+# others; the exit status says whether all passed.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-tests attention ditxl sweep vae}
+steps=${*:-tests attention ditxl sweep vae report}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
@@ -42,4 +43,5 @@ wants sweep && step backbones_sweep 240 python3 bench/backbones.py --device cuda
     --size 32 --frames 4 8 16 32 64 --arms dit dit3d unet3d --repeats 10 --out "$out/backbones_cuda.json"
 wants vae && step vae 240 python3 bench/vae.py --config configs/vae/base.yaml --device cuda --dtype bf16 --size 256 \
     --frames 17 33 65 129 --chunk 16 --out "$out/vae_cuda.json"
+wants report && step report 600 python3 bench/report.py --device cuda --dtype bf16 --out "$out/report_cuda.json"
 exit $status

@@ -23,11 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, peak_rss_bytes, rss_bytes, run_worker  # noqa: E402
+from bench.common import DTYPES, run_worker  # noqa: E402
 from dit_video.files import write_text_atomic  # noqa: E402
+from dit_video.system import machine_name, peak_resident_bytes, resident_bytes  # noqa: E402
 from vae import VideoVAE  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def measure(config: str, device: str, dtype: str, size: int, frames: int, chunk: int | None,
@@ -49,14 +48,14 @@ def measure(config: str, device: str, dtype: str, size: int, frames: int, chunk:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if cuda else rss_bytes()
+        base = torch.cuda.memory_allocated() if cuda else resident_bytes()
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / repeats
-        peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+        peak = torch.cuda.max_memory_allocated() if cuda else peak_resident_bytes()
     return seconds, peak - base
 
 
@@ -106,7 +105,7 @@ def main() -> None:
                   f"decode {r['decode_frames_per_s']:8.1f} frames/s {r['decode_peak_mib']:8.0f} MiB", flush=True)
 
     vae = VideoVAE.from_config(args.config)
-    result = {"machine": machine(args.device), "torch": torch.__version__, "config": Path(args.config).name,
+    result = {"machine": machine_name(args.device), "torch": torch.__version__, "config": Path(args.config).name,
               "parameters_m": sum(p.numel() for p in vae.parameters()) / 1e6, "rows": rows}
     out = Path(args.out or ROOT / f"bench/results/vae_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json")
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
