@@ -1,9 +1,15 @@
 """Backbone A/B experiments: width matching at a parameter budget, the arm's place in the evaluation
 pipeline, the sample grid through a real decoder, and a whole experiment of two arms on a real
-latent cache: its report, its refusal of changed settings, and its resume after an interruption."""
+latent cache: its report, its refusal of changed settings, and its resume after an interruption,
+also with each arm trained by two processes under torchrun and stopped by SIGTERM."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +25,11 @@ from dit_video.models.pretrained import DiffusionModel, DiffusionModelConfig
 from dit_video.models.registry import WIDTH_KEYS, backbone_parameters, match_parameters
 from dit_video.pipeline import Pipeline
 from dit_video.text import TextConfig
+from dit_video.training.checkpoint import complete_checkpoints
 from dit_video.training.config import DiffusionTrainConfig
 from pipeline_checks import write_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DIT = {"name": "dit", "width": 64, "depth": 2, "heads": 2, "in_channels": 4, "text_dim": 16, "patch": [1, 1, 1]}
 UNET = {"name": "unet3d", "in_channels": 4, "text_dim": 16, "channel_mult": [1, 2], "blocks_per_level": 1,
@@ -98,6 +107,7 @@ def test_the_grid_video_puts_each_video_in_its_tile(tmp_path):
     ({"arms": [{"name": "a", "backbone": {"name": "dit"}}, {"name": "b", "backbone": {"name": "mamba"}}]},
      "name: expected one of 'dit', 'dit3d', 'unet3d', got 'mamba'"),
     ({"eval": {"pipeline": "{root}/nowhere"}}, "not a pipeline folder"),
+    ({"processes": 0}, "processes: expected an int >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(pipeline_dir, tmp_path, capsys, change, message):
     train = {"stage": "base", "out_dir": "unused", "vae": str(pipeline_dir / "vae"), "backbone": DIT,
@@ -114,12 +124,9 @@ def test_bad_input_is_one_line_and_exit_2(pipeline_dir, tmp_path, capsys, change
     assert not (tmp_path / "report").exists()  # nothing written
 
 
-@pytest.mark.slow
-def test_an_experiment_reports_and_resumes(pipeline_dir, tmp_path, monkeypatch, capfd):
-    """Two arms, four steps each, on the latents of real synthetic clips; then the second arm
-    loses its last checkpoint and its export (an interruption): the same command resumes it."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def write_experiment(tmp_path, pipeline_dir, **changes):
+    """ab.yaml for two small arms (dit, unet3d), four steps each, on the latents of 8 real
+    synthetic clips; `changes` replace its top-level keys."""
     manifest = generate(tmp_path / "clips", "train", 8, frames=9, size=16, progress=False)
     cache_latents(manifest, pipeline_dir / "vae", [Shape(9, 16, 16)], tmp_path / "cache", progress=False)
     train = {"stage": "base", "out_dir": "unused", "vae": str(pipeline_dir / "vae"), "backbone": DIT,
@@ -134,8 +141,19 @@ def test_an_experiment_reports_and_resumes(pipeline_dir, tmp_path, monkeypatch, 
                   "arms": [{"name": "dit", "backbone": {k: v for k, v in DIT.items() if k not in ("in_channels", "text_dim")}},
                            {"name": "unet", "backbone": {k: v for k, v in UNET.items() if k not in ("in_channels", "text_dim")}}],
                   "eval": {"pipeline": str(pipeline_dir), "prompts": 4, "grid": 2, "latents": str(tmp_path / "cache"),
-                           "probe_clips": 4, "probe_logsnr": [0.0, 2.0], "sampler": {"steps": 2}, "device": "cpu"}}
+                           "probe_clips": 4, "probe_logsnr": [0.0, 2.0], "sampler": {"steps": 2}, "device": "cpu"},
+                  **changes}
     (tmp_path / "ab.yaml").write_text(yaml.safe_dump(experiment))
+    return tmp_path / "ab.yaml"
+
+
+@pytest.mark.slow
+def test_an_experiment_reports_and_resumes(pipeline_dir, tmp_path, monkeypatch, capfd):
+    """Two arms; then the second arm loses its last checkpoint and its export (an interruption):
+    the same command resumes it."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    write_experiment(tmp_path, pipeline_dir)
     main([str(tmp_path / "ab.yaml")])
     out = tmp_path / "report"
     report = json.loads((out / "report.json").read_text())
@@ -184,3 +202,43 @@ def test_an_experiment_reports_and_resumes(pipeline_dir, tmp_path, monkeypatch, 
     err = capfd.readouterr().err
     assert exit.value.code == 2 and "this experiment ran with train.steps=4, now 6" in err and err.count("\n") == 1
     assert sorted(os.listdir(unet / "checkpoints")) == ["step_00000002", "step_00000004"]  # nothing trained
+
+
+@pytest.mark.slow
+def test_arms_train_under_torchrun_stop_on_sigterm_and_resume(pipeline_dir, tmp_path, capfd):
+    """processes: 2 trains each arm in two processes (a global batch of twice the buckets'). A
+    SIGTERM stops the experiment cleanly, with every process's state in a checkpoint; the arm
+    resumes only with the number of processes it started with."""
+    config = write_experiment(tmp_path, pipeline_dir, processes=2,
+                              overrides=["train.steps=200", "train.checkpoint_every=1000"])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "dit_video.eval.ab", str(config)]
+    out, metrics = tmp_path / "report", tmp_path / "report/runs/dit/metrics.jsonl"
+    with open(tmp_path / "log", "w+") as log:
+        ab = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text()) and ab.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ab.send_signal(signal.SIGTERM)  # the first arm has trained a step
+        assert ab.wait(timeout=120) == 1
+        log.seek(0)
+        printed = log.read()
+    assert "stopped: dit at step" in printed and "Traceback" not in printed
+    [checkpoint] = complete_checkpoints(out / "runs/dit/checkpoints")
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    assert state["world"] == 2 and 0 < state["step"] < 200
+
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        main([str(config), "processes=1"])
+    err = capfd.readouterr().err
+    assert exit.value.code == 2 and "this arm trained with 2 processes, now 1" in err and err.count("\n") == 1
+
+    resumed = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {checkpoint}" in resumed.stdout + resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["shared"]["processes"] == 2 and report["shared"]["batch"] == "4"
+    assert "200 steps of batch 4 (9x16x16; 2 processes)" in (out / "report.md").read_text()
+    for arm in report["arms"].values():
+        assert arm["train"]["steps"][-1] == 200 and arm["train"]["samples_per_s"] > 0

@@ -21,12 +21,17 @@ same prompts, one row per arm) and `samples/<arm>.mp4` (a grid of the arm's samp
 `arms/<arm>.yaml`, the training config each arm ran with. Interrupted (Ctrl-C, SIGTERM, a crash),
 the same command resumes: finished arms and evaluations are kept, an unfinished run resumes from
 its last checkpoint. Changing what an arm trains with is refused; use a new `out_dir`.
+
+`processes: N` trains each arm under torchrun with N processes on this machine (one per GPU;
+gloo on CPU): the global batch is then N times the buckets' batch_size, so an arm resumes only
+with the number of processes it started with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -92,6 +97,7 @@ class ABConfig:
     runs_dir: str | None = None  # the arms' training runs; default <out_dir>/runs
     overrides: list[str] = field(default_factory=list)  # key=value applied to `train` for every arm
     match_parameters: bool = True  # set each arm's width to the first arm's parameter count
+    processes: int = param(1, ge=1)  # train.py processes per arm (torchrun on this machine when > 1)
 
     def __post_init__(self):
         names = [arm.name for arm in self.arms]
@@ -175,27 +181,50 @@ def finished_step(run: Path) -> int:
     return read_trainer_state(found[-1])["step"] if found else 0
 
 
-def train_arm(config_path: Path, run: Path, steps: int) -> None:
-    """Run (or resume) one arm's training with train.py. A SIGTERM to this process is passed on
-    (train.py then checkpoints and exits), and the experiment stops there, to be resumed."""
+def check_processes(run: Path, processes: int) -> None:
+    """UsageError if the run's last checkpoint was written by another number of processes: the
+    batch size is per process, so resuming would change the global batch."""
+    found = complete_checkpoints(run / "checkpoints")
+    world = read_trainer_state(found[-1])["world"] if found else processes
+    if world != processes:
+        raise UsageError(f"{run}: this arm trained with {world} processes, now {processes} (the global batch "
+                         f"would change): set processes={world}, or give a new out_dir")
+
+
+def train_arm(config_path: Path, run: Path, steps: int, processes: int = 1) -> None:
+    """Run (or resume) one arm's training with train.py, under torchrun if `processes` > 1. A
+    SIGTERM to this process is passed on to every train.py process (each then checkpoints and
+    exits), and the experiment stops there, to be resumed."""
     if finished_step(run) >= steps and (run / "model/config.yaml").is_file():
         return
-    child = subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(config_path)])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+        if processes > 1 else [sys.executable]
+    child = subprocess.Popen([*launcher, str(ROOT / "train.py"), str(config_path)])
     stopped = []
 
     def forward(signum, frame):
         stopped.append(signum)
-        child.send_signal(signal.SIGTERM)
+        for pid in (children(child.pid) if processes > 1 else []) or [child.pid]:
+            os.kill(pid, signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
         code = child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if code != 0:
+    if code != 0 and not stopped:
         raise SystemExit(f"error: {run.name}: train.py exited with {code}; run the same command to resume")
     if stopped or finished_step(run) < steps:
         raise SystemExit(f"stopped: {run.name} at step {finished_step(run)} of {steps}; run the same command to resume")
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux; [] elsewhere). torchrun's workers are signalled
+    directly: torchrun itself, signalled, stops with a traceback of its own."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def training_figures(run: Path, cfg: DiffusionTrainConfig, model: DiffusionModel) -> dict:
@@ -380,9 +409,10 @@ def describe_backbone(backbone: dict) -> str:
 def report_markdown(report: dict) -> str:
     arms, shared = report["arms"], report["shared"]
     first = next(iter(arms.values()))["train"]["parameters"]
+    processes = "" if shared["processes"] == 1 else f"; {shared['processes']} processes"
     lines = [f"# Backbone A/B: {', '.join(arms)}", "",
              f"Every arm: the {shared['stage']} stage of `{report['train']}`, {shared['steps']} steps of batch "
-             f"{shared['batch']} ({shared['buckets']}), seed {shared['seed']}, lr {shared['lr']}; evaluated with "
+             f"{shared['batch']} ({shared['buckets']}{processes}), seed {shared['seed']}, lr {shared['lr']}; evaluated with "
              f"`{report['eval']['pipeline']}`{'' if report['eval']['cascade'] else ' (the base stage alone)'} on "
              f"{report['eval']['prompts']} prompts x {report['eval']['seeds']} seeds. Trained and evaluated on "
              f"{report['machine']}. Reproduce: `{report['command']}`.", ""]
@@ -400,7 +430,7 @@ def report_markdown(report: dict) -> str:
                      f"{_num(t['peak_memory_mib'], '.0f', ' MiB')} | {_num(t['train_seconds'] and t['train_seconds'] / 60, '.1f', ' min')} |")
     lines += ["", "Final loss: the mean of the last fifth of the logged training losses (random noise levels, so "
               "noisy). Throughput: the median over the log's intervals; TFLOP/s from the analytic FLOPs of a training "
-              "step (3x the forward). Peak memory: the training process's (CUDA: tensors; CPU: resident set).", "",
+              "step (3x the forward). Peak memory: the (first) training process's (CUDA: tensors; CPU: resident set).", "",
               "![training loss](loss.png)", ""]
     if all("denoising" in a["eval"] for a in arms.values()):
         levels = [row["logsnr"] for row in next(iter(arms.values()))["eval"]["denoising"]]
@@ -454,6 +484,7 @@ def run(cfg: ABConfig, command: str) -> Path:
     arms_dir = out / "arms"
     for name, arm_cfg in configs.items():
         check_unchanged(arms_dir / f"{name}.yaml", arm_cfg)
+        check_processes(Path(arm_cfg.out_dir), cfg.processes)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.eval.device == "auto" else cfg.eval.device)
     reference = Pipeline.from_pretrained(cfg.eval.pipeline, device)
     shared = next(iter(configs.values()))
@@ -471,11 +502,11 @@ def run(cfg: ABConfig, command: str) -> Path:
         params = backbone_parameters(arm_cfg.backbone)
         print(f"arm {i + 1}/{len(configs)}: {name}, {describe_backbone(arm_cfg.backbone)}, "
               f"{params / 1e6:.2f} M parameters -> {run_dir}", flush=True)
-        train_arm(config_path, run_dir, arm_cfg.train.steps)
+        train_arm(config_path, run_dir, arm_cfg.train.steps, cfg.processes)
         results[name] = cached_evaluation(name, arm_cfg, run_dir, reference, cfg.eval, out)
 
     report = {"train": cfg.train, "command": command, "machine": machine_name(device),
-              "eval": to_dict(cfg.eval), "shared": shared_settings(shared),
+              "eval": to_dict(cfg.eval), "shared": shared_settings(shared, cfg.processes),
               "arms": {name: {"backbone": configs[name].backbone,
                               "overrides": next(a.overrides for a in cfg.arms if a.name == name), **r}
                        for name, r in results.items()}}
@@ -507,10 +538,10 @@ def cached_evaluation(name: str, arm_cfg: DiffusionTrainConfig, run_dir: Path, r
     return {"train": train, "eval": figures}
 
 
-def shared_settings(cfg: DiffusionTrainConfig) -> dict:
+def shared_settings(cfg: DiffusionTrainConfig, processes: int) -> dict:
     buckets = cfg.data.buckets or cfg.data.image_buckets
     return {"stage": cfg.stage, "steps": cfg.train.steps, "seed": cfg.train.seed, "lr": cfg.optim.lr,
-            "batch": " + ".join(str(b.batch_size) for b in buckets),
+            "processes": processes, "batch": " + ".join(str(b.batch_size * processes) for b in buckets),
             "buckets": ", ".join(f"{b.frames}x{b.height}x{b.width}" for b in buckets)}
 
 
