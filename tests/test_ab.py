@@ -20,7 +20,7 @@ from dit_video.config import load_config, save_config
 from dit_video.data.latent_cache import Shape, cache_latents
 from dit_video.data.synthetic import generate
 from dit_video.data.video import read_video
-from dit_video.eval.ab import arm_pipeline, check_unchanged, main, write_grid_video
+from dit_video.eval.ab import ABConfig, arm_configs, arm_pipeline, check_unchanged, main, write_grid_video
 from dit_video.models.pretrained import DiffusionModel, DiffusionModelConfig
 from dit_video.models.registry import WIDTH_KEYS, backbone_parameters, match_parameters
 from dit_video.pipeline import Pipeline
@@ -96,6 +96,24 @@ def test_the_grid_video_puts_each_video_in_its_tile(tmp_path):
         tile = back[:, :, r * 18 + 3:r * 18 + 13, c * 18 + 3:c * 18 + 13]  # away from the edges (chroma bleeds)
         assert (tile.mean((2, 3)) - video.mean((2, 3))).abs().max() < 0.1
     assert back[:, :, 20:, 38:].mean() > 0.9  # the sixth tile is empty: white
+
+
+@pytest.mark.parametrize("match", [True, False])
+def test_match_parameters_false_keeps_each_arms_own_width(pipeline_dir, tmp_path, match):
+    train = {"stage": "base", "out_dir": "unused", "vae": str(pipeline_dir / "vae"), "backbone": DIT,
+             "data": {"latents": str(tmp_path), "buckets": [{"frames": 9, "height": 16, "width": 16, "batch_size": 2}]}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    experiment = {"train": str(tmp_path / "train.yaml"), "out_dir": str(tmp_path / "report"),
+                  "arms": [{"name": "a", "backbone": DIT}, {"name": "b", "backbone": {**DIT, "name": "dit3d", "width": 32}}],
+                  "eval": {"pipeline": str(pipeline_dir)}, "match_parameters": match}
+    (tmp_path / "ab.yaml").write_text(yaml.safe_dump(experiment))
+    configs = arm_configs(load_config(ABConfig, tmp_path / "ab.yaml"))
+    assert configs["a"].backbone["width"] == 64 and configs["a"].out_dir == str(tmp_path / "report/runs/a")
+    counts = [backbone_parameters(c.backbone) for c in configs.values()]
+    if match:  # dit3d has no temporal attention: it matches dit's count at a larger width
+        assert configs["b"].backbone["width"] == 72 and abs(counts[1] / counts[0] - 1) < 0.05
+    else:
+        assert configs["b"].backbone["width"] == 32 and counts[1] < counts[0] / 3
 
 
 @pytest.mark.parametrize("change, message", [
