@@ -20,7 +20,8 @@ from dit_video.config import load_config, save_config
 from dit_video.data.latent_cache import Shape, cache_latents
 from dit_video.data.synthetic import generate
 from dit_video.data.video import read_video
-from dit_video.eval.ab import ABConfig, arm_configs, arm_pipeline, check_unchanged, main, write_grid_video
+from dit_video.eval.ab import (ABConfig, arm_configs, arm_pipeline, check_unchanged, describe_backbone, main,
+                               write_grid_video)
 from dit_video.models.pretrained import DiffusionModel, DiffusionModelConfig
 from dit_video.models.registry import WIDTH_KEYS, backbone_parameters, match_parameters
 from dit_video.pipeline import Pipeline
@@ -114,6 +115,13 @@ def test_match_parameters_false_keeps_each_arms_own_width(pipeline_dir, tmp_path
         assert configs["b"].backbone["width"] == 72 and abs(counts[1] / counts[0] - 1) < 0.05
     else:
         assert configs["b"].backbone["width"] == 32 and counts[1] < counts[0] / 3
+
+
+def test_the_report_names_what_tells_two_arms_apart():
+    cross, joint = ({**DIT, "name": "dit3d", "text_attention": t} for t in ("cross", "joint"))
+    assert describe_backbone(joint) == "dit3d (width 64, depth 2, heads 2, patch [1, 1, 1], text_attention joint)"
+    assert describe_backbone(cross) != describe_backbone(joint)
+    assert describe_backbone({**UNET, "channels": 32}).startswith("unet3d (channels 32, channel_mult [1, 2], ")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -51,7 +51,7 @@ from ..diffusion import SamplerConfig
 from ..files import atomic_path, sha256_file, write_text_atomic
 from ..models.flops import count_flops
 from ..models.pretrained import DiffusionModel
-from ..models.registry import backbone_parameters, match_parameters
+from ..models.registry import WIDTH_KEYS, backbone_parameters, match_parameters
 from ..pipeline import Pipeline
 from ..system import machine_name
 from ..training.checkpoint import complete_checkpoints, read_trainer_state
@@ -401,8 +401,10 @@ def plot_samples(path: Path, grids: dict[str, torch.Tensor], prompts: list[str],
 
 
 def describe_backbone(backbone: dict) -> str:
-    keys = ("width", "depth", "heads", "channels", "channel_mult", "blocks_per_level", "patch",
-            "spatial_positions", "temporal_positions", "frame_positions")
+    """The backbone's name and every key its arm sets, the width first: all that can tell two
+    arms apart (the channels the run fills in are the same for every arm)."""
+    width = WIDTH_KEYS[backbone["name"]]
+    keys = [width] + [k for k in backbone if k not in (width, "name", "in_channels", "text_dim", "cond_channels")]
     return backbone["name"] + " (" + ", ".join(f"{k} {backbone[k]}" for k in keys if k in backbone) + ")"
 
 
