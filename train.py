@@ -118,6 +118,8 @@ def train(cfg: TrainRun) -> dict:
         log.message(f"resumed from {resume} at step {step}" + ("" if same_world else
                     f" (written by {state['world']} processes, now {world}: universal checkpoint)"))
     log.message(loader.sampler.describe())
+    if stage.compiled_blocks:
+        log.message(f"torch.compile: {stage.compiled_blocks} backbone blocks, compiled at the first step of each shape")
     term, batches = TermSignal(), iter(loader)
     nonfinite_run, metrics, reported = 0, {}, set()
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dit_video.models.dit import SelfAttention
-from backbone_checks import assert_checkpointing_is_exact, assert_trains_from_its_initialization, make_dit as make
+from backbone_checks import (assert_checkpointing_is_exact, assert_compiled_blocks_are_exact,
+                             assert_trains_from_its_initialization, make_dit as make)
 
 
 VARIANTS = [(name, spatial, temporal) for name in ("dit", "dit3d") for spatial in ("sincos", "rope")
@@ -105,6 +106,14 @@ def test_cascade_conditioning_enters_the_output():
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(name, text_attention):
     assert_checkpointing_is_exact(lambda **kwargs: make(name, text_attention=text_attention, **kwargs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, temporal, text_attention, shapes", [
+    ("dit", "t5_bias", "cross", [(2, 4, 3, 8, 8), (2, 4, 5, 8, 12)]), ("dit3d", "rope", "joint", [(2, 4, 3, 8, 8)])])
+def test_compiled_blocks_give_the_same_outputs_and_gradients(name, temporal, text_attention, shapes):
+    assert_compiled_blocks_are_exact(lambda: make(name, spatial="rope", temporal=temporal, text_attention=text_attention,
+                                                  attention_backend="auto"), blocks=2, shapes=shapes)
 
 
 def test_latent_sizes_must_fit_the_patch():

@@ -94,3 +94,11 @@ def test_the_deepspeed_config_joins_a_ready_zero_file_and_the_run_settings(tmp_p
         deepspeed_config(OptimConfig(precision="bf16"), 1, 10, cpu)
     with pytest.raises(ValueError, match="cannot read"):
         deepspeed_config(OptimConfig(deepspeed=str(tmp_path / "none.json")), 1, 10, cpu)
+
+
+def test_the_vae_stage_has_no_blocks_to_compile():
+    from dit_video.training.config import VAETrainConfig
+
+    load_config(VAETrainConfig, ROOT / "configs/vae/train_tiny.yaml", [])
+    with pytest.raises(ConfigError, match="train.compile: compiles a backbone's blocks"):
+        load_config(VAETrainConfig, ROOT / "configs/vae/train_tiny.yaml", ["train.compile=true"])

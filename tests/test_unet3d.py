@@ -58,6 +58,13 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
     assert_checkpointing_is_exact(lambda **kwargs: make(temporal_conv=True, **kwargs))
 
 
+def test_compile_blocks_refuses_the_unet():
+    from dit_video.models import compile_blocks
+
+    with pytest.raises(ValueError, match="only the transformer backbones"):
+        compile_blocks(make())
+
+
 def test_registry_and_errors():
     model = build_backbone(ROOT / "configs/unet/unet3d_tiny.yaml")
     assert (model.in_channels, model.out_channels, model.cond_channels, model.text_dim) == (4, 4, 0, 32)

@@ -96,6 +96,7 @@ def xformers_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # a compiled block takes the answer as a constant: no graph break
 def resolve_backend(device: torch.device) -> str:
     """What "auto" means on `device`: xformers if it imports and a small call runs there, else
     sdpa. Decided once per device and logged: with the reason when xformers is passed over, and

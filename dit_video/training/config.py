@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     ema_decay: float = param(0.999, gt=0, lt=1)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each backbone block (models.compile_blocks); the first steps compile
     checkpoint_every: int = param(500, ge=1)
     keep_checkpoints: int = param(2, ge=2)
     log_every: int = param(10, ge=1)
@@ -139,6 +140,8 @@ class VAETrainConfig:
             raise ValueError("data.latents: the VAE trains on pixels")
         if self.train.gradient_checkpointing:
             raise ValueError("train.gradient_checkpointing: the VAE has no checkpointed blocks")
+        if self.train.compile:
+            raise ValueError("train.compile: compiles a backbone's blocks; the VAE stage has none")
         if self.loss.discriminator_start is not None and self.optim.zero == 3:
             raise ValueError("loss.discriminator_start: the GAN losses need optim.zero <= 2 (its generator term "
                              "reads the discriminator's weights whole)")

@@ -30,7 +30,7 @@ from ..diffusion import (CascadeConfig, augment_condition, classifier_free_guida
                          distillation_target, downsample_video, sample_augmentation_logsnr, upsample_latent)
 from ..diffusion.parameterization import Denoiser
 from ..files import atomic_dir
-from ..models import BACKBONES, build_backbone
+from ..models import BACKBONES, build_backbone, compile_blocks
 from ..models.pretrained import DiffusionModel, DiffusionModelConfig
 from ..text import build_text_encoder, drop_captions
 from .config import DiffusionTrainConfig, DistillTrainConfig, VAETrainConfig
@@ -126,6 +126,8 @@ class DiffusionStage:
         self.loader = make_loader(cfg, rank, world)
         # rank 0's own copy for sample videos, made before ZeRO-3 shards the original
         self.preview = copy.deepcopy(self.model) if rank == 0 and cfg.preview.every else None
+        # after the copy: sample videos come now and then, at other shapes
+        self.compiled_blocks = compile_backbone(backbone) if cfg.train.compile else 0
 
     @torch.no_grad()
     def inputs(self, batch: dict, step: int) -> dict:
@@ -165,6 +167,14 @@ def batch_latents(batch: dict, vae: VideoVAE, device: torch.device) -> tuple[tor
         return None, batch["latents"].to(device)
     video = batch["video"].to(device)
     return video, vae.encode(video)
+
+
+def compile_backbone(backbone: nn.Module) -> int:
+    """train.compile: compile_blocks, its refusal as the user's config error."""
+    try:
+        return compile_blocks(backbone)
+    except ValueError as e:
+        raise ConfigError(f"train.{e}") from None
 
 
 def cascade_condition(vae: VideoVAE, video: torch.Tensor, latents: torch.Tensor, cascade: CascadeConfig,
@@ -247,6 +257,7 @@ class DistillStage:
         if cfg.guidance.weights is not None:
             self.backbone_config["guidance_input"] = True
         backbone = student_backbone(self.teacher.backbone, self.backbone_config, cfg.train.gradient_checkpointing)
+        self.compiled_blocks = compile_backbone(backbone) if cfg.train.compile else 0
         trains_text = teacher.text.encoder == "bytes"  # else a frozen T5, shared with the teacher
         text = copy.deepcopy(self.teacher.text_encoder).train().requires_grad_(True) if trains_text else None
         self.model = DistillObjective(backbone, teacher.diffusion.prediction, text)
@@ -328,6 +339,7 @@ class VAEStage:
         discriminator = PatchDiscriminator3D(vae.config.in_channels) if loss.discriminator_start is not None else None
         self.model = VAEObjective(vae, loss.kl_weight, loss.l1_weight, loss.l2_weight, discriminator,
                                   loss.discriminator_weight)
+        self.compiled_blocks = 0
         self.loader = make_loader(cfg, rank, world)
 
     def inputs(self, batch: dict, step: int) -> dict:
