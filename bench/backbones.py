@@ -26,9 +26,9 @@ is sdpa except with xformers on CUDA).
     python bench/backbones.py --width 192 --depth 4 --heads 3 --size 16 --frames 4 8 16 32
     python bench/backbones.py --device cuda --dtype bf16 --width 1152 --depth 28 --heads 16 --size 32 --frames 4 8 16
 
-One step is forward + backward of a mean-square loss, batch 1 (--batch). The arms are timed
-round-robin in one process (median of --repeats), so a change in the machine's load hits all of
-them alike. Prints a table, writes JSON and a plot under bench/results/. Peak memory: as in
+One step is forward + backward of a mean-square loss, batch 1 (--batch), eager or with every
+transformer block compiled (--compile). The arms are timed round-robin in one process (median of
+--repeats), so a change in the machine's load hits all of them alike. Prints a table, writes JSON and a plot under bench/results/. Peak memory: as in
 bench/vae.py (CUDA allocator, or a fresh CPU worker process per case). FLOPs are torch's count of
 the forward on the meta device (shapes only; attention decomposes into its matrix products
 there), which equals `count_flops` for our arms; TFLOP/s counts a step as 3x the forward. On
@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (DTYPES, check_device, cuda_kernel_shares, pyplot, run_worker, save_figure,  # noqa: E402
                           write_result)
 from dit_video.cli import UsageError, exits_cleanly  # noqa: E402
-from dit_video.models import BACKENDS, DiT, DiTConfig, UNet3D, UNet3DConfig, resolve_backend  # noqa: E402
+from dit_video.models import (BACKENDS, DiT, DiTConfig, UNet3D, UNet3DConfig, compile_blocks,  # noqa: E402
+                              resolve_backend)
 from dit_video.models.flops import count_parameters  # noqa: E402
 from dit_video.system import machine_name, peak_resident_bytes, resident_bytes  # noqa: E402
 
@@ -149,6 +150,8 @@ def training_step(arm: str, args, frames: int):
     """A function that runs one training step of a fresh `arm` (zero grads, forward, backward)."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = build(arm, args, frames).to(device=device, dtype=dtype).train()
+    if args.compile:
+        compile_transformer(arm, model)
     z, text = inputs(arm, args, frames, device, dtype)
 
     def step():
@@ -160,8 +163,19 @@ def training_step(arm: str, args, frames: int):
     return step
 
 
+def compile_transformer(arm: str, model: torch.nn.Module) -> None:
+    """--compile: torch.compile each transformer block in place, ours (`compile_blocks`) and
+    theirs alike, so that both sides fuse the same kind of work."""
+    if arm in THEIRS:
+        for block in (*model.transformer_blocks, *getattr(model, "temporal_transformer_blocks", ())):
+            block.compile()
+    else:
+        compile_blocks(model)
+
+
 def step_times(args, frames: int) -> dict[str, float]:
-    """Median seconds per training step of each arm, timed round-robin after a warm-up step."""
+    """Median seconds per training step of each arm, timed round-robin after a warm-up step (which
+    compiles, with --compile)."""
     steps = {arm: training_step(arm, args, frames) for arm in args.arms}
     for step in steps.values():
         step()
@@ -254,7 +268,7 @@ def run(args) -> dict:
     result = {"machine": machine_name(args.device), "torch": torch.__version__, "device": args.device,
               "dtype": args.dtype, "attention": backend, "matmul_peak_tflops": peak_flops and peak_flops / 1e12,
               "batch": args.batch, "width": args.width, "depth": args.depth, "heads": args.heads,
-              "latent_size": args.size, "text_tokens": TEXT_LEN,
+              "latent_size": args.size, "text_tokens": TEXT_LEN, "compile": args.compile,
               "text_attention": {a: text_attention(a, args) for a in args.arms if a in ("dit", "dit3d")}, "repeats": args.repeats,
               "unet3d_config": dict(unet_config(args).__dict__), "rows": rows, "ratios": ratios(rows)}
     print_ratios(result["ratios"])
@@ -297,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
                    help="how our dit and dit3d arms see the text (DiTConfig.text_attention); matched: "
                         "as their diffusers counterparts (dit cross, like Latte; dit3d joint, like CogVideoX)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every transformer block (ours and theirs); not for unet3d")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-memory", action="store_true", help="skip peak memory (on CPU a fresh process per case)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -315,6 +331,8 @@ def check(args) -> None:
         raise UsageError(f"--size {args.size}: the latent size must be even (patches of 2x2)")
     if args.width % args.heads or (args.width // args.heads) % 4:
         raise UsageError(f"--width {args.width} must split into {args.heads} heads of a multiple of 4 channels")
+    if args.compile and "unet3d" in args.arms:
+        raise UsageError("--compile: compiles transformer blocks; leave out the unet3d arm (see compile_blocks)")
     if set(args.arms) & set(THEIRS) and importlib.util.find_spec("diffusers") is None:
         raise UsageError("the latte and cogvideox arms need diffusers: pip install -e '.[bench]'")
 
@@ -334,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
 def _passthrough(args) -> list[str]:
     return ["--width", str(args.width), "--depth", str(args.depth), "--heads", str(args.heads), "--size",
             str(args.size), "--device", args.device, "--dtype", args.dtype, "--attention", args.attention,
-            "--text-attention", args.text_attention, "--batch", str(args.batch)]
+            "--text-attention", args.text_attention, "--batch", str(args.batch)] + ["--compile"] * args.compile
 
 
 def plot(result: dict, path: Path) -> None:
@@ -349,8 +367,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def title(result: dict) -> str:
+    compiled = ", compiled" if result.get("compile") else ""
     return (f"width {result['width']}, depth {result['depth']}, {result['latent_size']}x{result['latent_size']} "
-            f"latents, {result['dtype']} on {result['machine']}")
+            f"latents, {result['dtype']}{compiled} on {result['machine']}")
 
 
 def draw_rows(ax, rows: list[dict], key: str, label: str) -> None:

@@ -3,8 +3,10 @@
 #   bash bench/gpu.sh OUT_DIR [STEP ...]     (steps: tests attention ditxl sweep vae report; default all)
 # Runs the CUDA tests (with the model and attention tests beside them), then the attention,
 # backbone and VAE benchmarks and the whole performance report (bench/report.py), writing logs,
-# JSON and plots to OUT_DIR. Each step has a time limit and a failing step does not stop the
-# others; the exit status says whether all passed.
+# JSON and plots to OUT_DIR. The ditxl step trains dit-XL at 16x32x32 latents in bf16 at batch
+# 1, 4 and 8, eager and with compiled blocks (profiles at batch 1), and ends with an MFU table.
+# Each step has a time limit and a failing step does not stop the others; the exit status says
+# whether all passed.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [STEP ...]}
 shift
@@ -31,14 +33,26 @@ wants() { [[ " $steps " == *" $1 "* ]]; }
 wants tests && step tests 240 python3 -m pytest -q -p no:cacheprovider --log-level=INFO -rs \
     tests/test_cuda.py tests/test_attention.py tests/test_dit.py tests/test_unet3d.py
 wants attention && step attention 120 python3 bench/attention.py --device cuda --dtype bf16 --out "$out/attention_cuda.json"
-wants ditxl && for backend in xformers sdpa; do  # xformers fails where its wheel does not match torch
-    step "ditxl_$backend" 240 python3 bench/backbones.py --device cuda --dtype bf16 --attention "$backend" \
-        --width 1152 --depth 28 --heads 16 --size 32 --frames 16 --arms dit --repeats 10 --profile 12 \
-        --out "$out/backbones_ditxl_$backend.json"
+wants ditxl && for batch in 1 4 8; do  # dit-XL at 16x32x32 latents, eager and with compiled blocks
+    for mode in eager compiled; do
+        flags=()
+        [ "$mode" = compiled ] && flags+=(--compile)
+        [ "$batch" = 1 ] && flags+=(--profile 12)
+        step "ditxl_b${batch}_$mode" 360 python3 bench/backbones.py --device cuda --dtype bf16 --batch "$batch" \
+            "${flags[@]}" --width 1152 --depth 28 --heads 16 --size 32 --frames 16 --arms dit --repeats 10 \
+            --out "$out/backbones_ditxl_b${batch}_$mode.json"
+    done
 done
-wants ditxl && step ditxl_batch4 240 python3 bench/backbones.py --device cuda --dtype bf16 --batch 4 \
-    --width 1152 --depth 28 --heads 16 --size 32 --frames 16 --arms dit --repeats 10 \
-    --out "$out/backbones_ditxl_batch4.json"
+wants ditxl && python3 - "$out" <<'SUMMARY'
+import json, pathlib, sys
+print(f"{'dit-XL 16x32x32':<16} {'batch':>5} {'step s':>7} {'tokens/s':>9} {'peak GiB':>8} {'MFU':>6}")
+for path in sorted(pathlib.Path(sys.argv[1]).glob("backbones_ditxl_b*.json")):
+    result = json.loads(path.read_text())
+    for row in result["rows"]:
+        mode = "compiled" if result.get("compile") else "eager"
+        print(f"{mode:<16} {result['batch']:>5} {row['step_s']:7.3f} {row['tokens_per_s']:9.0f} "
+              f"{row['peak_mib'] / 1024:8.1f} {100 * row['mfu']:5.1f}%")
+SUMMARY
 wants sweep && step backbones_sweep 240 python3 bench/backbones.py --device cuda --dtype bf16 --width 768 --depth 12 --heads 12 \
     --size 32 --frames 4 8 16 32 64 --arms dit dit3d unet3d --repeats 10 --out "$out/backbones_cuda.json"
 wants vae && step vae 240 python3 bench/vae.py --config configs/vae/base.yaml --device cuda --dtype bf16 --size 256 \

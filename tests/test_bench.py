@@ -78,6 +78,19 @@ def test_diffusers_arms_have_our_width_depth_heads_and_input():
     assert backbones.build("dit3d", cross, frames).config.text_attention == "cross"
 
 
+def test_compile_reaches_every_transformer_block_of_every_arm():
+    """--compile compiles each arm's repeated blocks, theirs (Latte's spatial and temporal ones)
+    as ours; compiling is lazy, so nothing runs here."""
+    pytest.importorskip("diffusers")
+    args = backbones.parser().parse_args(TINY)
+    for arm, blocks in (("dit", args.depth), ("dit3d", args.depth), ("latte", 2 * args.depth),
+                        ("cogvideox", args.depth)):
+        model = backbones.build(arm, args, 3)
+        backbones.compile_transformer(arm, model)
+        compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert len(compiled) == blocks, arm
+
+
 def test_ratios_are_ours_over_theirs():
     rows = [{"arm": "dit", "frames": 4, "step_s": 1.0, "tflops": 2.0},
             {"arm": "latte", "frames": 4, "step_s": 2.0, "tflops": 3.0},
@@ -107,7 +120,8 @@ def test_the_quick_report_writes_json_that_names_the_machine(tmp_path):
 
 
 @pytest.mark.parametrize("command, argv", [(report, ["--model", "no/such/folder"]), (report, ["--out", "report.txt"]),
-                                           (backbones, ["--size", "7"]), (sampling, ["--batch", "0"])])
+                                           (backbones, ["--size", "7"]), (backbones, ["--compile"]),
+                                           (sampling, ["--batch", "0"])])
 def test_bad_input_is_one_line_and_exit_code_2(command, argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
