@@ -53,8 +53,8 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (DTYPES, check_device, cuda_kernel_shares, pyplot, run_worker, save_figure,  # noqa: E402
-                          write_result)
+from bench.common import (DTYPES, check_device, cuda_kernel_shares, matmul_peak_flops, pyplot, run_worker,  # noqa: E402
+                          save_figure, write_result)
 from dit_video.cli import UsageError, exits_cleanly  # noqa: E402
 from dit_video.models import (BACKENDS, DiT, DiTConfig, UNet3D, UNet3DConfig, compile_blocks,  # noqa: E402
                               resolve_backend)
@@ -221,19 +221,6 @@ def forward_flops(arm: str, args, frames: int) -> float:
         with counter, torch.no_grad():
             forward(arm, model, z, text)
     return counter.get_total_flops()
-
-
-def matmul_peak_flops(device: str, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matrix product on `device`: the denominator of MFU."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def run(args) -> dict:

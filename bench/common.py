@@ -1,12 +1,13 @@
-"""What the benchmarks share: dtypes by name, checking the device, a worker process for peak
-memory on CPU, where results go, and writing a figure. (The machine's name and this process's
-memory: dit_video.system, which the run log uses too.)"""
+"""What the benchmarks share: dtypes by name, checking the device, the matmul peak (MFU's
+denominator), a worker process for peak memory on CPU, where results go, and writing a figure.
+(The machine's name and this process's memory: dit_video.system, which the run log uses too.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import time
 
 from pathlib import Path
 
@@ -41,6 +42,19 @@ def write_result(result: dict, out: str | None, name: str, device: str) -> Path:
     write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     print(f"{result['machine']} -> {path}")
     return path
+
+
+def matmul_peak_flops(device: str, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matrix product on `device`: the denominator of MFU."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def run_worker(cmd: list[str], for_memory: bool) -> object:

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every check and benchmark that needs a CUDA GPU, in one go, for a machine where one is at hand:
-#   bash bench/gpu.sh OUT_DIR [STEP ...]     (steps: tests attention ditxl sweep vae report; default all)
+#   bash bench/gpu.sh OUT_DIR [STEP ...]  (steps: tests attention ditxl training sweep vae report; default all)
 # Runs the CUDA tests (with the model and attention tests beside them), then the attention,
 # backbone and VAE benchmarks and the whole performance report (bench/report.py), writing logs,
 # JSON and plots to OUT_DIR. The ditxl step trains dit-XL at 16x32x32 latents in bf16 at batch
-# 1, 4 and 8, eager and with compiled blocks (profiles at batch 1), and ends with an MFU table.
+# 1, 4 and 8, eager and with compiled blocks (profiles at batch 1), and ends with an MFU table;
+# the training step runs train.py itself on cached dit-XL latents (bench/training.py), both ways.
 # Each step has a time limit and a failing step does not stop the others; the exit status says
 # whether all passed.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-tests attention ditxl sweep vae report}
+steps=${*:-tests attention ditxl training sweep vae report}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
@@ -53,6 +54,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("backbones_ditxl_b*.json")):
         print(f"{mode:<16} {result['batch']:>5} {row['step_s']:7.3f} {row['tokens_per_s']:9.0f} "
               f"{row['peak_mib'] / 1024:8.1f} {100 * row['mfu']:5.1f}%")
 SUMMARY
+wants training && step training 600 python3 bench/training.py --device cuda --batch 4 \
+    --work "${TMPDIR:-/tmp}/bench_training" --out "$out/training_cuda.json"  # its clips and latents stay off OUT_DIR
 wants sweep && step backbones_sweep 240 python3 bench/backbones.py --device cuda --dtype bf16 --width 768 --depth 12 --heads 12 \
     --size 32 --frames 4 8 16 32 64 --arms dit dit3d unet3d --repeats 10 --out "$out/backbones_cuda.json"
 wants vae && step vae 240 python3 bench/vae.py --config configs/vae/base.yaml --device cuda --dtype bf16 --size 256 \

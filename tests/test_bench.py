@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import backbones, report, sampling
+from bench import backbones, report, sampling, training
 from dit_video.diffusion import SamplerConfig
 from dit_video.models.flops import count_flops
 from dit_video.pipeline import Pipeline
@@ -119,8 +119,24 @@ def test_the_quick_report_writes_json_that_names_the_machine(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_training_throughput_runs_train_py_on_cached_latents_eager_and_compiled(tmp_path):
+    """train.py really trains in both modes, from the same cache: the same losses, step for step;
+    the runs' folders (checkpoints, exports) are gone once read."""
+    out = training.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "training.json")])
+    result = json.loads(out.read_text())
+    assert result["latent_shape"] == [4, 3, 4, 4] and result["tokens_per_sample"] == 3 * 2 * 2
+    assert result["forward_gflop_per_sample"] > 0 and re.fullmatch(r".+ CPU, \d+ cores, \d+ threads?", result["machine"])
+    eager, compiled = result["rows"]
+    assert (eager["mode"], compiled["mode"]) == ("eager", "compiled")
+    assert all(r["samples_per_s"] > 0 and r["peak_memory_mib"] > 0 for r in result["rows"])
+    assert len(eager["losses"]) == 2 and compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["9x32x32_4", "training.yaml"]
+
+
 @pytest.mark.parametrize("command, argv", [(report, ["--model", "no/such/folder"]), (report, ["--out", "report.txt"]),
                                            (backbones, ["--size", "7"]), (backbones, ["--compile"]),
+                                           (training, ["--steps", "10"]), (training, ["--vae", "no.yaml"]),
                                            (sampling, ["--batch", "0"])])
 def test_bad_input_is_one_line_and_exit_code_2(command, argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
