@@ -185,10 +185,15 @@ def test_a_video_written_in_pieces_is_the_video_written_at_once(tmp_path):
     assert writer.frames == video.shape[1]
     pieces, once = read_video(tmp_path / "pieces.mp4"), read_video(tmp_path / "once.mp4")
     # Not bit-equal: x264's frame threads decide rate control on partial feedback, so two encodes
-    # of the same frames can differ by a few levels. A lost, repeated or reordered frame of the
-    # moving square would differ by the square's whole contrast.
-    assert pieces.shape == once.shape
-    assert (pieces - once).abs().max() <= 16 / 127.5 and (pieces - once).abs().mean() <= 1 / 127.5
+    # of the same frames differ by codec noise (up to 17 levels at the square's edges, seen under
+    # load). So each decoded frame must be closest to its own source frame (the square moves 5
+    # pixels a frame: a lost, repeated or reordered frame lands on another), and the two encodes
+    # must agree on average.
+    assert pieces.shape == once.shape == video.shape
+    for decoded in (pieces, once):
+        distance = (decoded[:, :, None] - video[:, None]).abs().mean(dim=(0, 3, 4))  # [decoded, source]
+        assert torch.equal(distance.argmin(dim=1), torch.arange(video.shape[1]))
+    assert (pieces - once).abs().mean() <= 1 / 127.5
 
 
 def test_a_streamed_write_that_fails_midway_leaves_nothing(tmp_path):

@@ -43,7 +43,8 @@ def compile_blocks(model: nn.Module) -> int:
     shape, and the per-call preparation (positions, masks, conditioning) stays eager. Inside a
     block the elementwise work between the matrix products (norms, modulation, gates, residuals)
     fuses into few kernels: on a GPU, where a step of a small batch is mostly such work, that is
-    the main saving. The first call at each shape compiles (seconds to minutes).
+    the main saving. The first call at each shape compiles (seconds to minutes); up to 8
+shapes (dynamo's recompile limit, counting the training buckets and images), then eager.
 
     The U-Net is refused: its blocks differ in channels and resolution, so each would compile
     anew, and past 8 shapes dynamo stops compiling and runs the rest eagerly."""
@@ -52,7 +53,9 @@ def compile_blocks(model: nn.Module) -> int:
         raise ValueError(f"compile: only the transformer backbones (dit, dit3d) compile by block, not "
                          f"{type(model).__name__}")
     for block in blocks:
-        block.compile()
+        # static shapes: a graph per bucket shape. Automatic dynamic shapes (after a second shape)
+        # were seen to fail under two processes (an input's stride asserted from another shape).
+        block.compile(dynamic=False)
     return len(blocks)
 
 
