@@ -92,7 +92,8 @@ def train(args, run_config: Path, out: Path, compiled: bool) -> list[dict]:
            f"train.compile={str(compiled).lower()}"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise UsageError(f"train.py failed ({result.returncode}): {result.stderr.strip().splitlines()[-1]}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UsageError(f"train.py failed ({result.returncode}): {last}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
