@@ -43,8 +43,8 @@ def compile_blocks(model: nn.Module) -> int:
     shape, and the per-call preparation (positions, masks, conditioning) stays eager. Inside a
     block the elementwise work between the matrix products (norms, modulation, gates, residuals)
     fuses into few kernels: on a GPU, where a step of a small batch is mostly such work, that is
-    the main saving. The first call at each shape compiles (seconds to minutes); up to 8
-shapes (dynamo's recompile limit, counting the training buckets and images), then eager.
+    the main saving. The first call at each shape (and grad mode) compiles, in seconds to
+    minutes; the blocks share one cache of graphs, whatever model holds them.
 
     The U-Net is refused: its blocks differ in channels and resolution, so each would compile
     anew, and past 8 shapes dynamo stops compiling and runs the rest eagerly."""
@@ -52,6 +52,10 @@ shapes (dynamo's recompile limit, counting the training buckets and images), the
     if not blocks:
         raise ValueError(f"compile: only the transformer backbones (dit, dit3d) compile by block, not "
                          f"{type(model).__name__}")
+    # dynamo's default of 8 graphs per code object is soon reached (each bucket, a batch with
+    # images, sampling previews, a distillation teacher under no_grad), and past it dynamo runs
+    # the blocks eagerly with one warning: a silent loss of the speedup
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
         # static shapes: a graph per bucket shape. Automatic dynamic shapes (after a second shape)
         # were seen to fail under two processes (an input's stride asserted from another shape).

@@ -257,7 +257,9 @@ class DistillStage:
         if cfg.guidance.weights is not None:
             self.backbone_config["guidance_input"] = True
         backbone = student_backbone(self.teacher.backbone, self.backbone_config, cfg.train.gradient_checkpointing)
-        self.compiled_blocks = compile_backbone(backbone) if cfg.train.compile else 0
+        self.compiled_blocks = 0
+        if cfg.train.compile:  # the teacher too: its two (guided: four) forwards per step cost more than the student's
+            self.compiled_blocks = compile_backbone(backbone) + compile_backbone(self.teacher.backbone)
         trains_text = teacher.text.encoder == "bytes"  # else a frozen T5, shared with the teacher
         text = copy.deepcopy(self.teacher.text_encoder).train().requires_grad_(True) if trains_text else None
         self.model = DistillObjective(backbone, teacher.diffusion.prediction, text)
