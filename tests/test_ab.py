@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from dit_video.cli import UsageError
-from dit_video.config import load_config, save_config
+from dit_video.config import load_config, read_yaml, save_config
 from dit_video.data.latent_cache import Shape, cache_latents
 from dit_video.data.synthetic import generate
 from dit_video.data.video import read_video
@@ -63,6 +63,17 @@ def test_a_changed_setting_of_an_arm_is_refused_by_name(tmp_path):
     check_unchanged(tmp_path / "missing.yaml", cfg)  # a new arm: accepted
     with pytest.raises(UsageError, match=r"ran with train.steps=1000, now 8 \(1 keys differ\)"):
         check_unchanged(path, load_config(DiffusionTrainConfig, path, ["train.steps=8"]))
+    # written before a key existed (here train.compile): the key counts at its default
+    saved = read_yaml(path)
+    del saved["train"]["compile"]
+    path.write_text(yaml.safe_dump(saved))
+    check_unchanged(path, cfg)
+    with pytest.raises(UsageError, match=r"ran with train.compile=False, now True"):
+        check_unchanged(path, load_config(DiffusionTrainConfig, path, ["train.compile=true"]))
+    saved["train"]["retired_key"] = 1  # a key since removed: differs by name
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(UsageError, match=r"arm config no longer loads \(.*train.retired_key"):
+        check_unchanged(path, cfg)
 
 
 @pytest.fixture(scope="module")

@@ -154,10 +154,15 @@ def implied_channels(cfg: DiffusionTrainConfig) -> dict[str, int]:
 
 def check_unchanged(path: Path, cfg: DiffusionTrainConfig) -> None:
     """UsageError if `path` holds another training config than `cfg`: the arm's run would resume
-    under other settings."""
+    under other settings. A key added to the config since the arm ran counts at its default."""
     if not path.exists():
         return
-    before, now = _flat(read_yaml(path)), _flat(to_dict(cfg))
+    try:
+        before = _flat(to_dict(load_config(type(cfg), path)))
+    except ConfigError as e:  # e.g. a key since removed or renamed
+        raise UsageError(f"this experiment's arm config no longer loads ({e}): give a new out_dir, or delete "
+                         f"the old one") from None
+    now = _flat(to_dict(cfg))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         key = changed[0]
