@@ -1,9 +1,11 @@
 """The factorized space-time DiT: interface, adaLN-Zero init, image masking, native sizes."""
 
+import math
+
 import pytest
 import torch
 
-from dit_video.models.dit import SelfAttention
+from dit_video.models.dit import DiT, SelfAttention
 from backbone_checks import (assert_checkpointing_is_exact, assert_compiled_blocks_are_exact,
                              assert_trains_from_its_initialization, make_dit as make)
 
@@ -159,6 +161,7 @@ def test_only_frame_differences_matter(name, spatial, temporal, text_attention):
     with torch.no_grad():
         for first in (0, 1000):
             positions = model._positions(5, 4, 4, x, first_frame=first)
+            positions["text_bias"] = model.text_bias(mask, torch.tensor([16 if name == "dit" else 80] * 2))
             h = x
             for block in model.blocks:
                 h = block(h, c, positions, text, mask)
@@ -204,16 +207,17 @@ def test_out_channels_can_differ_from_in_channels():
 @pytest.mark.parametrize("groups", [1, 3])
 def test_joint_text_attention_is_softmax_over_the_tokens_and_the_unmasked_text(groups):
     """`text_attention: joint` written out: every token's query against its own group's keys (with
-    the position bias) and its sample's text keys (no bias), padded text tokens left out. Groups:
-    the frames of the factorized spatial attention, which share their sample's text."""
+    the position bias) and its sample's text keys (with the text bias), padded text tokens left
+    out. Groups: the frames of the factorized spatial attention, which share their sample's text."""
     torch.manual_seed(0)
     attn = SelfAttention(16, 2, "sdpa", text=True)
     b, n, l_text = 2, 5, 4
     x, text = torch.randn(b * groups, n, 16), torch.randn(b, l_text, 16)
     text_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    text_bias = DiT.text_bias(text_mask, torch.tensor([n, n]))
     bias = torch.randn(1, 2, n, n)
     with torch.no_grad():
-        out = attn(x, bias=bias, text=text, text_mask=text_mask)
+        out = attn(x, bias=bias, text=text, text_bias=text_bias)
         q, k, v = attn.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
         text_k, text_v = attn.text_kv(text).unflatten(-1, (2, 2, 8)).permute(2, 0, 3, 1, 4)
         for i in range(b * groups):
@@ -223,8 +227,46 @@ def test_joint_text_attention_is_softmax_over_the_tokens_and_the_unmasked_text(g
             values = torch.cat([v[i], text_v[sample][:, keep]], dim=1)
             scores = q[i] @ keys.transpose(-1, -2) / 8 ** 0.5
             scores[:, :, :n] += bias[0]
+            scores[:, :, n:] += math.log(n / keep.sum())
             expected = attn.out((scores.softmax(-1) @ values).transpose(0, 1).flatten(1))
             torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dit", "dit3d"])
+def test_joint_text_gets_half_the_attention_at_equal_logits(name):
+    """With every query zero (equal logits), a token's attention output is half the mean of the
+    values of the video keys it sees and half the mean of its caption's unmasked ones, whatever
+    their numbers: dit's spatial attention sees a frame, dit3d's the clip, an image's its frame."""
+    torch.manual_seed(0)
+    model = make(name, text_attention="joint")
+    attn = model.blocks[0].spatial if name == "dit" else model.blocks[0].attn
+    width = attn.out.in_features
+    with torch.no_grad():
+        attn.qkv.weight[:width] = 0  # q = 0
+        attn.qkv.bias[:width] = 0
+    inputs = {}
+
+    def grab(module, args, kwargs, output):
+        inputs.update(x=args[0], **kwargs)
+
+    hook = attn.register_forward_hook(grab, with_kwargs=True)
+    b, t, n = 2, 3, 16  # latents 3x8x8, patch 1x2x2: 16 patches a frame
+    text, text_mask = torch.randn(b, 4, 8), torch.tensor([[True, True, True, False], [True, False, False, False]])
+    with torch.no_grad():
+        model(torch.randn(b, 4, t, 8, 8), torch.zeros(b), text=text, text_mask=text_mask,
+              is_image=torch.tensor([False, True]))
+        hook.remove()
+        x, text_tokens, out = inputs["x"], inputs["text"], attn(**inputs)
+        v = attn.qkv(x)[..., 2 * width:]
+        text_v = attn.text_kv(text_tokens)[..., width:]
+        for row in range(x.shape[0]):
+            sample = row // t if name == "dit" else row
+            if name == "dit" or not sample:  # a frame, or the whole clip
+                seen = v[row]
+            else:  # an image sample in dit3d: each token its own frame (check the first)
+                seen = v[row, :n]
+            expected = attn.out(0.5 * seen.mean(0) + 0.5 * text_v[sample, text_mask[sample]].mean(0))
+            torch.testing.assert_close(out[row, 0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_joint_text_attention_replaces_the_cross_attention():

@@ -4,8 +4,9 @@ Each block: spatial self-attention (frames folded into the batch), temporal self
 (spatial positions folded into the batch) with relative position information, cross-attention to
 text, MLP. With `text_attention: joint` there is no cross-attention: the text tokens' keys and
 values join those of the spatial attention (dit) or of the joint attention (dit3d), as in
-CogVideoX, which saves the cross-attention's query and output projections over every token.
-The text keys carry no rotation, so with temporal RoPE in dit3d a token's attention to the text
+CogVideoX, which saves the cross-attention's query and output projections over every token;
+their logits are offset so that the caption's few keys and the video's many start with equal
+shares of the attention (DiT.text_bias). The text keys carry no rotation, so with temporal RoPE in dit3d a token's attention to the text
 depends on its frame's index (counted from the clip's first frame): an absolute frame cue, as in
 CogVideoX; an image's frames all count as frame 0. The noise level (and the cascade's
 conditioning-augmentation level, and pooled text) conditions the blocks through adaLN-Zero, so
@@ -87,7 +88,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 class SelfAttention(nn.Module):
     """Self-attention over x's tokens; with `text` (made with text=True), the text tokens' keys
-    and values join x's, without positions, behind the text mask."""
+    and values join x's, without positions, each text key's logit offset by `text_bias` [B, L_text]
+    (-inf behind the text mask; see DiT.text_bias)."""
 
     def __init__(self, width: int, heads: int, backend: str, text: bool = False):
         super().__init__()
@@ -97,20 +99,19 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         q, k, v = qkv if rope is None else (*apply_rope(qkv[:2], rope), qkv[2])  # q and k in one pass
-        mask = None
         if self.text_kv is not None:
             # projected once per sample; x's batch may hold several groups of one sample (the
             # frames of the factorized spatial attention), each attending to that sample's text
             text_k, text_v = rearrange(self.text_kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
             groups = q.shape[0] // text.shape[0]
-            text_k, text_v, text_mask = (a.repeat_interleave(groups, dim=0) for a in (text_k, text_v, text_mask))
+            text_k, text_v, text_bias = (a.repeat_interleave(groups, dim=0) for a in (text_k, text_v, text_bias))
             k, v = torch.cat([k, text_k], dim=2), torch.cat([v, text_v], dim=2)
-            mask = torch.cat([text_mask.new_ones(q.shape[0], q.shape[2]), text_mask], dim=1)
-            bias = None if bias is None else F.pad(bias, (0, text.shape[1]))
-        out = attention(q, k, v, bias=bias, key_mask=mask, backend=self.backend)
+            joined = F.pad(text_bias[:, None, None, :], (x.shape[1], 0))  # 0 for x's keys: [B, 1, 1, L + L_text]
+            bias = joined if bias is None else F.pad(bias, (0, text.shape[1])) + joined
+        out = attention(q, k, v, bias=bias, backend=self.backend)
         return self.out(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -145,9 +146,9 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def text_in_attention(self, text, text_mask) -> dict:
+    def text_in_attention(self, text, positions) -> dict:
         """The text arguments of the self-attention: the text when it joins it, else none."""
-        return {} if self.cross is not None or text is None else {"text": text, "text_mask": text_mask}
+        return {} if self.cross is not None or text is None else {"text": text, "text_bias": positions["text_bias"]}
 
     def text_and_mlp(self, x, text, text_mask, m_shift, m_scale, m_gate):
         if self.cross is not None:
@@ -177,7 +178,7 @@ class FactorizedBlock(Block):
             p[:, None, None] for p in self.ada(c).chunk(9, dim=-1))
         h = rearrange(modulate(self.norm_s(x), s_shift, s_scale), "b t n w -> (b t) n w")
         h = self.spatial(h, rope=positions["spatial_rope"], bias=positions["spatial_bias"],
-                         **self.text_in_attention(text, text_mask))
+                         **self.text_in_attention(text, positions))
         x = x + s_gate * rearrange(h, "(b t) n w -> b t n w", b=b)
         h = rearrange(modulate(self.norm_t(x), t_shift, t_scale), "b t n w -> (b n) t w")
         h = self.temporal(h, rope=positions["temporal_rope"], bias=positions["temporal_bias"])
@@ -199,7 +200,7 @@ class JointBlock(Block):
         a_shift, a_scale, a_gate, m_shift, m_scale, m_gate = (p[:, None, None] for p in self.ada(c).chunk(6, dim=-1))
         h = rearrange(modulate(self.norm_a(x), a_shift, a_scale), "b t n w -> b (t n) w")
         h = self.attn(h, rope=positions["joint_rope"], bias=positions["joint_bias"],
-                      **self.text_in_attention(text, text_mask))
+                      **self.text_in_attention(text, positions))
         x = x + a_gate * rearrange(h, "b (t n) w -> b t n w", t=t)
         return self.text_and_mlp(x, text, text_mask, m_shift, m_scale, m_gate)
 
@@ -254,6 +255,11 @@ class DiT(nn.Module):
                 positions["joint_bias"] = self._joint_image_mask(is_image, gh * gw, gt, positions["joint_bias"], x)
                 if joint_text(cfg) and positions["temporal_rope"] is not None:
                     positions["joint_rope"] = self._joint_image_rope(is_image, positions)
+        if joint_text(cfg):
+            keys = torch.full((b,), gh * gw if cfg.name == "dit" else gt * gh * gw, device=x.device)
+            if cfg.name == "dit3d" and is_image is not None:
+                keys = torch.where(is_image, gh * gw, keys)  # an image's tokens see their own frame only
+            positions["text_bias"] = self.text_bias(mask, keys)
         for block in self.blocks:
             if cfg.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, c, positions, context, mask, use_reentrant=False)
@@ -270,10 +276,10 @@ class DiT(nn.Module):
         joint blocks the joint_* ones, where each token's rotations are those of its frame and,
         with spatial RoPE, of its row and column (the head's channels split between them).
         `first_frame` numbers the frames from there; with relative temporal positions it changes
-        nothing, which the tests check."""
+        nothing, which the tests check. (`text_bias`, for joint text attention, is the forward's.)"""
         cfg, head_dim = self.config, self.config.width // self.config.heads
         out = dict.fromkeys(["spatial_rope", "spatial_bias", "temporal_rope", "temporal_bias",
-                             "joint_rope", "joint_bias"])
+                             "joint_rope", "joint_bias", "text_bias"])
         ys, xs = (g.flatten() for g in torch.meshgrid(torch.arange(gh, device=x.device),
                                                       torch.arange(gw, device=x.device), indexing="ij"))
         frames = torch.arange(first_frame, first_frame + gt, device=x.device)
@@ -294,6 +300,18 @@ class DiT(nn.Module):
             if out["temporal_bias"] is not None:
                 out["joint_bias"] = out["temporal_bias"].repeat_interleave(gh * gw, 2).repeat_interleave(gh * gw, 3)
         return out
+
+    @staticmethod
+    def text_bias(text_mask: torch.Tensor, video_keys: torch.Tensor) -> torch.Tensor:
+        """Joint text attention's logit offset for each text key [B, L_text]: log(video keys a
+        token sees / unmasked text keys), -inf behind the mask. At equal logits a token then gives
+        half its attention to the video and half to the text, at any number of frames and patches.
+        Without it a clip's thousands of patch keys outnumber a caption's few (in the tiny A/B,
+        9216 patches against about 51 caption bytes: 0.5% of the attention at init), and the text
+        must win its share with large logits."""
+        valid = text_mask.sum(1).clamp(min=1)  # Conditioning leaves at least one (the null text)
+        offset = video_keys.float().log() - valid.float().log()
+        return offset[:, None].expand(text_mask.shape).masked_fill(~text_mask, float("-inf"))
 
     @staticmethod
     def _image_mask(is_image, n, gt, base, x):
