@@ -4,14 +4,14 @@ Each block: spatial self-attention (frames folded into the batch), temporal self
 (spatial positions folded into the batch) with relative position information, cross-attention to
 text, MLP. With `text_attention: joint` there is no cross-attention: the text tokens' keys and
 values join those of the spatial attention (dit) or of the joint attention (dit3d), as in
-CogVideoX, which saves the cross-attention's query and output projections over every token;
-their logits are offset so that the caption's few keys and the video's many start with equal
-shares of the attention (DiT.text_bias). The text keys carry no rotation, so with temporal RoPE in dit3d a token's attention to the text
-depends on its frame's index (counted from the clip's first frame): an absolute frame cue, as in
-CogVideoX; an image's frames all count as frame 0. The noise level (and the cascade's
-conditioning-augmentation level, and pooled text) conditions the blocks through adaLN-Zero, so
-an untrained model outputs exactly zero. Positions are computed for the input's own frames,
-height and width: any latent size the patch divides.
+CogVideoX, which saves the cross-attention's query and output projections over every token.
+The text keys' logits are offset so that the caption's few keys and the video's many start with
+equal shares of the attention (DiT.text_bias). The text keys carry no rotation, so with temporal
+RoPE in dit3d a token's attention to the text depends on its frame's index (counted from the
+clip's first frame): an absolute frame cue, as in CogVideoX; an image's frames all count as
+frame 0. The noise level (and the cascade's conditioning-augmentation level, and pooled text)
+conditions the blocks through adaLN-Zero, so an untrained model outputs exactly zero. Positions
+are computed for the input's own frames, height and width: any latent size the patch divides.
 
     forward(z, logsnr, text=None, text_mask=None, cond=None, cond_logsnr=None, is_image=None, guidance=None)
 
