@@ -204,6 +204,37 @@ def test_out_channels_can_differ_from_in_channels():
         assert model(torch.randn(1, 4, 2, 8, 8), torch.zeros(1)).shape == (1, 8, 2, 8, 8)
 
 
+def test_rotary_self_attention_and_its_gradients_match_the_written_out_rotation():
+    """Self-attention with RoPE against the rotation written with real cos / sin of each channel
+    pair: outputs and the gradients of the input and every weight (the backward runs through the
+    split of q, k and v, which the outputs alone would not check). float64 throughout, except the
+    rotation itself, which apply_rope computes in float32: hence the tolerance."""
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2, "math").double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(5, 4, dtype=torch.float64)  # [L, head_dim / 2]
+    rotations = torch.polar(torch.ones_like(angles), angles)
+
+    def rotate(a):  # a [B, H, L, D]: pair (a0, a1) -> (a0 cos - a1 sin, a0 sin + a1 cos)
+        a0, a1 = a.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = angles.cos(), angles.sin()
+        return torch.stack([a0 * cos - a1 * sin, a0 * sin + a1 * cos], dim=-1).flatten(-2)
+
+    def written_out(x):
+        q, k, v = attn.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        scores = rotate(q) @ rotate(k).transpose(-1, -2) / 8 ** 0.5
+        return attn.out((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
+
+    grads = []
+    for forward in (lambda x: attn(x, rope=rotations), written_out):
+        out = forward(x)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                         [x, *attn.parameters()]))
+        grads[-1] = (out.detach(), *grads[-1])
+    for ours, expected in zip(*grads):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 def test_joint_text_attention_is_softmax_over_the_tokens_and_the_unmasked_text(groups):
     """`text_attention: joint` written out: every token's query against its own group's keys (with

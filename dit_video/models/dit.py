@@ -101,7 +101,11 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        q, k, v = qkv if rope is None else (*apply_rope(qkv[:2], rope), qkv[2])  # q and k in one pass
+        if rope is None:
+            q, k, v = qkv
+        else:  # q and k rotated in one pass. split, not indexing: its backward is one concatenation,
+            qk, v = qkv.split([2, 1])  # where indexing's zero-fills a copy of qkv for each part
+            (q, k), v = apply_rope(qk, rope), v.squeeze(0)
         if self.text_kv is not None:
             # projected once per sample; x's batch may hold several groups of one sample (the
             # frames of the factorized spatial attention), each attending to that sample's text
