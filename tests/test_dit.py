@@ -213,7 +213,7 @@ def test_rotary_self_attention_and_its_gradients_match_the_written_out_rotation(
     attn = SelfAttention(16, 2, "math").double()
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     angles = torch.randn(5, 4, dtype=torch.float64)  # [L, head_dim / 2]
-    rotations = torch.polar(torch.ones_like(angles), angles)
+    rotations = torch.stack([angles.cos(), angles.sin()], dim=-1)
 
     def rotate(a):  # a [B, H, L, D]: pair (a0, a1) -> (a0 cos - a1 sin, a0 sin + a1 cos)
         a0, a1 = a.unflatten(-1, (-1, 2)).unbind(-1)

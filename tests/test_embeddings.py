@@ -57,6 +57,31 @@ def test_rope_rotates_each_channel_pair_by_position_times_its_frequency():
     torch.testing.assert_close(half.double(), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_compiled_rope_is_the_real_rotation_and_fuses():
+    """Under torch.compile apply_rope takes its real cos / sin form: the same rotation, forward and
+    backward, in float32 and bfloat16, and no complex op left for inductor to warn about."""
+    import warnings
+
+    compiled = torch.compile(apply_rope, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    rotations = rope_rotations(torch.tensor([0.0, 1.0, 2.5, 7.0, 100.0]), 8)
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        x = torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+        weights = torch.randn(x.shape, generator=g)
+        results = []
+        for rope in (apply_rope, compiled):
+            leaf = x.clone().requires_grad_()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = rope(leaf, rotations)
+                (out.float() * weights).sum().backward()
+            assert not [w for w in caught if "complex" in str(w.message)], [str(w.message) for w in caught]
+            results.append((out.detach(), leaf.grad))
+        assert results[1][0].dtype == dtype
+        for ours, eager in zip(results[1], results[0]):
+            torch.testing.assert_close(ours.float(), eager.float(), rtol=tolerance, atol=tolerance)
+
+
 def test_t5_buckets_match_hand_computed_values():
     # 32 buckets, max distance 128: 16 per sign, exact below 8, then 8 + floor(8 log(d / 8) / log 16)
     relative = torch.tensor([0, -1, 1, -7, 7, -8, -16, -32, -127, -128, -1000, 128, 1000])

@@ -290,17 +290,17 @@ class DiT(nn.Module):
         spatial_dim = head_dim if cfg.temporal_positions == "t5_bias" or cfg.name == "dit" else head_dim // 2
         if cfg.spatial_positions == "rope":
             out["spatial_rope"] = torch.cat([rope_rotations(ys, spatial_dim // 2),
-                                             rope_rotations(xs, spatial_dim // 2)], dim=-1)
+                                             rope_rotations(xs, spatial_dim // 2)], dim=-2)
         if cfg.temporal_positions == "rope":
             time_dim = head_dim if cfg.name == "dit" or cfg.spatial_positions == "sincos" else head_dim // 2
             out["temporal_rope"] = rope_rotations(frames, time_dim)
         else:
             out["temporal_bias"] = self.temporal_bias(frames, frames).to(x.dtype)
         if cfg.name == "dit3d":
-            per_token = [a.repeat(gt, 1) for a in [out["spatial_rope"]] if a is not None]
+            per_token = [a.repeat(gt, 1, 1) for a in [out["spatial_rope"]] if a is not None]
             if out["temporal_rope"] is not None:
                 per_token.insert(0, out["temporal_rope"].repeat_interleave(gh * gw, dim=0))
-            out["joint_rope"] = torch.cat(per_token, dim=-1) if per_token else None
+            out["joint_rope"] = torch.cat(per_token, dim=-2) if per_token else None
             if out["temporal_bias"] is not None:
                 out["joint_bias"] = out["temporal_bias"].repeat_interleave(gh * gw, 2).repeat_interleave(gh * gw, 3)
         return out
@@ -329,13 +329,13 @@ class DiT(nn.Module):
 
     @staticmethod
     def _joint_image_rope(is_image, positions):
-        """Rotations per sample [B, 1, L, dim / 2] in which an image sample's frames all sit at
+        """Rotations per sample [B, 1, L, dim / 2, 2] in which an image sample's frames all sit at
         frame 0. Between tokens of one frame the temporal rotations cancel, but the text keys
         carry none: without this an image's attention to its text would depend on its slot."""
         rope = positions["joint_rope"]
         still = rope.clone()
-        still[:, :positions["temporal_rope"].shape[-1]] = 1  # the temporal part comes first
-        return torch.where(is_image[:, None, None, None], still, rope)
+        still[..., :positions["temporal_rope"].shape[-2], :] = rope.new_tensor([1.0, 0.0])  # temporal pairs first
+        return torch.where(is_image[:, None, None, None, None], still, rope)
 
     @staticmethod
     def _joint_image_mask(is_image, n, gt, base, x):

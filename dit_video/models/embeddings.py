@@ -47,21 +47,29 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rope_rotations(positions: torch.Tensor, dim: int, base: float = 10_000.0) -> torch.Tensor:
-    """The rotations of rotary embeddings at (float) `positions` [L]: unit complex numbers
-    [L, dim / 2], one per channel pair, of angle position * base^(-2i / dim)."""
+    """The rotations of rotary embeddings at (float) `positions` [L]: [L, dim / 2, 2], the cosine
+    and sine of each channel pair's angle, position * base^(-2i / dim). Kept real rather than
+    complex so that a compiled block takes them as an ordinary input (see apply_rope)."""
     if dim % 2:
         raise ValueError(f"rotary dim must be even, got {dim}")
     inv = 1.0 / base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
     angles = positions.float()[:, None] * inv
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x [..., L, dim] by `rotations` [L, dim / 2], in float32.
-    As one complex product, forward and backward, this is several times faster than the same
-    rotation written with real cos / sin products (which need a copy of x with its pairs swapped)."""
+    """Rotate consecutive channel pairs of x [..., L, dim] by `rotations` [L, dim / 2, 2] (from
+    rope_rotations), in float32. Eagerly, as one complex product, forward and backward, this is
+    several times faster than the same rotation written with real cos / sin products (which need a
+    copy of x with its pairs swapped). Under torch.compile it is the other way round: inductor
+    generates no code for complex ops (they stay separate kernels, each a pass over q and k, and
+    it warns), while the real form fuses into one kernel with the casts around it."""
+    if torch.compiler.is_compiling():
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rotations.unbind(-1)
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.view_as_complex(rotations)).flatten(-2).to(x.dtype)
 
 
 def t5_bucket(relative: torch.Tensor, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
