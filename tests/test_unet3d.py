@@ -36,14 +36,16 @@ def test_shapes_and_zero_output_at_init_with_every_input():
 
 @pytest.mark.parametrize("temporal_conv", [False, True])
 def test_images_in_a_video_batch_are_independent_frames(temporal_conv):
+    """Frame by frame, what one-frame inputs give: as videos of one frame, and as images."""
     model = make(temporal_conv=temporal_conv)
     z, logsnr, text = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.5]), torch.randn(1, 2, 8)
     flag = torch.tensor([True])
     with torch.no_grad():
         joint = model(z, logsnr, text=text, is_image=flag)
         for i in range(4):
-            single = model(z[:, :, i:i + 1], logsnr, text=text, is_image=flag)
-            torch.testing.assert_close(joint[:, :, i:i + 1], single, rtol=1e-5, atol=1e-5)
+            for is_image in (None, flag):
+                single = model(z[:, :, i:i + 1], logsnr, text=text, is_image=is_image)
+                torch.testing.assert_close(joint[:, :, i:i + 1], single, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(model(z, logsnr, text=text), joint, atol=1e-4)
 
 

@@ -83,8 +83,12 @@ class ResBlock(nn.Module):
         h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
         if self.temporal is not None:
             mixed = self.temporal(h)
-            keep = 1.0 if is_image is None else (~is_image).to(h.dtype)[:, None, None, None, None]
-            h = h + keep * mixed  # image samples skip the temporal mixing
+            if is_image is not None and is_image.any():
+                # an image is a one-frame video, which sees only the kernel's centre tap (the
+                # others meet the zero padding): each of its frames gets just that
+                alone = F.conv3d(h, self.temporal.weight[:, :, 1:2], self.temporal.bias)
+                mixed = torch.where(is_image[:, None, None, None, None], alone, mixed)
+            h = h + mixed
         return self.skip(x) + h
 
 
