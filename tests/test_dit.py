@@ -28,7 +28,8 @@ def test_an_untrained_model_outputs_exactly_zero(name, spatial, temporal, text_a
 @TEXT
 @pytest.mark.parametrize("name, spatial, temporal", VARIANTS)
 def test_images_in_a_video_batch_are_independent_frames(name, spatial, temporal, text_attention):
-    model = make(name, spatial, temporal, text_attention=text_attention)
+    model = make(name, spatial, temporal, text_attention=text_attention,
+                 frame_positions="sincos" if spatial == "sincos" else "none")
     z, logsnr = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.3])
     text = torch.randn(1, 3, 8)
     with torch.no_grad():
@@ -144,6 +145,7 @@ def test_build_backbone_refuses_unknown_names_and_keys():
         build_backbone({"name": "unet"})
     with pytest.raises(ConfigError, match="hidden: unknown key"):
         build_backbone({"name": "dit", "hidden": 3})
+
 
 
 @TEXT

@@ -251,7 +251,10 @@ class DiT(nn.Module):
         if cfg.spatial_positions == "sincos":
             x = x + sincos_2d(gh, gw, cfg.width, scale=cfg.base_grid / max(gh, gw), device=x.device).to(x.dtype)
         if cfg.frame_positions == "sincos":
-            x = x + sincos_1d(torch.arange(gt, device=x.device, dtype=torch.float32), cfg.width)[:, None].to(x.dtype)
+            frames = sincos_1d(torch.arange(gt, device=x.device, dtype=torch.float32), cfg.width)[:, None]
+            if is_image is not None:  # an image's frames are each a clip's first frame
+                frames = torch.where(is_image[:, None, None, None], frames[:1], frames)
+            x = x + frames.to(x.dtype)
         if is_image is not None and is_image.any():
             if cfg.name == "dit":
                 positions["temporal_bias"] = self._image_mask(is_image, gh * gw, gt, positions["temporal_bias"], x)
