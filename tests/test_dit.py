@@ -147,6 +147,17 @@ def test_build_backbone_refuses_unknown_names_and_keys():
         build_backbone({"name": "dit", "hidden": 3})
 
 
+def test_head_channels_must_fit_the_rotary_split():
+    from dit_video.config import ConfigError
+    from dit_video.models import build_backbone
+
+    both = {"name": "dit3d", "width": 48, "heads": 4, "depth": 1, "spatial_positions": "rope"}  # heads of 12
+    with pytest.raises(ConfigError, match="heads of a multiple of 8 channels"):
+        build_backbone(both)
+    for fits in ({**both, "heads": 2}, {**both, "temporal_positions": "t5_bias"}, {**both, "name": "dit"}):
+        model = build_backbone(fits)
+        assert model(torch.randn(1, 4, 2, 4, 4), torch.zeros(1)).shape == (1, 4, 2, 4, 4)
+
 
 @TEXT
 @pytest.mark.parametrize("name, spatial, temporal", VARIANTS)

@@ -76,6 +76,11 @@ class DiTConfig:
             raise ValueError(f"patch sizes must be >= 1, got {self.patch}")
         if self.width % self.heads or (self.width // self.heads) % 4:
             raise ValueError(f"width {self.width} must split into {self.heads} heads of a multiple of 4 channels")
+        if self.name == "dit3d" and self.spatial_positions == self.temporal_positions == "rope" \
+                and (self.width // self.heads) % 8:
+            raise ValueError(f"dit3d with RoPE in space and time rotates half of each head's channels by the "
+                             f"frame and a quarter each by row and column, in pairs: width {self.width} must split "
+                             f"into {self.heads} heads of a multiple of 8 channels")
 
 
 def joint_text(cfg: DiTConfig) -> bool:
