@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dit_video.cli import UsageError, config_arguments, exits_cleanly
 from dit_video.config import ConfigError, load_config, read_yaml, save_config
+from dit_video.data.loader import NoUsableData
 from dit_video.training.checkpoint import complete_checkpoints, ensure_universal, read_trainer_state
 from dit_video.training.checkpoint import load as checkpoint_load
 from dit_video.training.checkpoint import save as checkpoint_save
@@ -131,7 +132,10 @@ def train(cfg: TrainRun) -> dict:
     while step < cfg.train.steps:
         results, samples = [], 0
         while len(results) < cfg.optim.grad_accum:
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except NoUsableData as e:
+                raise UsageError(f"data: {e}") from None
             result = engine(**stage.inputs(batch, step))
             loss = result["loss"]
             finite = torch.isfinite(loss.detach()).float().reshape(1)  # on the device: nccl reduces CUDA tensors
@@ -155,7 +159,7 @@ def train(cfg: TrainRun) -> dict:
         stop = torch.tensor([float(term.received)], device=device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         metrics = {**dict(zip(result, (mean / world).tolist())), "lr": engine.get_lr()[0],
-                   "nonfinite": nonfinite_total}
+                   "nonfinite": nonfinite_total, "skipped_files": len(loader.skipped)}
         log.step(step, samples, metrics, write=step % cfg.train.log_every == 0 or step == cfg.train.steps)
         for path, reason in loader.skipped.items():
             if path not in reported:

@@ -6,17 +6,17 @@ The sampler runs in the main process and hands whole batches of keys to the work
 stream does not depend on the number of workers, and the loader's state is the sampler's state
 after the last batch given to the caller (not after the batches the workers have prefetched).
 
-A file that cannot be used is replaced by the next files of the same dataset (index + 1,
-index + 2, ...) at the same shape and seed, so a batch keeps its size and the stream stays
-reproducible; the worker sends the bad path and its error back with the batch, and the main
-process records it in `skipped` (path -> the one-line error, which names the file) and logs
-it once.
+A file that cannot be used is replaced by the next usable file of the same dataset (index + 1,
+index + 2, ..., wrapping around) at the same shape and seed, so a batch keeps its size and the
+stream stays reproducible. A worker decodes a bad file once per shape and passes over it after; it
+sends the bad path and its error back with the batch, and the main process records it in
+`skipped` (path -> the one-line error, which names the file) for the caller to report. Only a
+dataset without one usable file raises (NoUsableData), so bad files never stop training.
 """
 
 from __future__ import annotations
 
 import collections
-import logging
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -29,9 +29,11 @@ from .video import VideoError
 if TYPE_CHECKING:  # not imported at run time, so that `python -m dit_video.data.latent_cache` runs it cleanly
     from .latent_cache import LatentDataset
 
-__all__ = ["Loader"]
+__all__ = ["Loader", "NoUsableData"]
 
-logger = logging.getLogger(__name__)
+
+class NoUsableData(RuntimeError):
+    """No file of a dataset can be read at a bucket's shape: the data, not the code, is at fault."""
 
 
 class Loader:
@@ -42,11 +44,10 @@ class Loader:
         LatentDataset for the videos, video batches hold `"latents": [B, C, t, h, w]` in place
         of "video", and every video bucket must be one of its cached shapes.
     num_workers: DataLoader processes that decode (0: this process); the stream is the same for any.
-    max_retries: how many substitutes to try for an unusable file before giving up.
     """
 
     def __init__(self, videos: MediaDataset | LatentDataset | None, images: MediaDataset | None,
-                 sampler: BucketSampler, num_workers: int = 0, max_retries: int = 8):
+                 sampler: BucketSampler, num_workers: int = 0):
         for kind, dataset in (("video", videos), ("image", images)):
             if dataset is not None and dataset.kind != kind:
                 raise ValueError(f"the {kind} dataset holds {dataset.kind}s")
@@ -60,9 +61,9 @@ class Loader:
             if missing:
                 raise ValueError(f"video buckets {', '.join(missing)} are not in the latent cache, which holds "
                                  f"{', '.join(f'{s.frames}x{s.height}x{s.width}' for s in cached)}")
-        if num_workers < 0 or max_retries < 0:
-            raise ValueError(f"need num_workers >= 0 and max_retries >= 0, got {num_workers}, {max_retries}")
-        self.reader = _Reader(videos, images, max_retries)
+        if num_workers < 0:
+            raise ValueError(f"need num_workers >= 0, got {num_workers}")
+        self.reader = _Reader(videos, images)
         self.sampler, self.num_workers = sampler, num_workers
         self.skipped: dict[str, str] = {}
         self._state: dict | None = None  # the sampler's state after the last batch yielded; None: none yet
@@ -83,11 +84,9 @@ class Loader:
         for out in loader:
             self._state = drawn.popleft()
             for path, error in out.pop("skipped").items():
-                if path not in self.skipped:
-                    self.skipped[path] = error
-                    logger.warning("skipped %s", error)
+                self.skipped.setdefault(path, error)
             if "error" in out:
-                raise RuntimeError(out["error"])
+                raise NoUsableData(out["error"])
             yield out
 
     def state_dict(self) -> dict:
@@ -108,16 +107,15 @@ def _unchanged(batch: dict) -> dict:
 class _Reader(torch.utils.data.Dataset):
     """The worker side: one `Batch` of keys in, one batch of pixels or latents (and the files skipped) out."""
 
-    def __init__(self, videos: MediaDataset | LatentDataset | None, images: MediaDataset | None, max_retries: int):
+    def __init__(self, videos: MediaDataset | LatentDataset | None, images: MediaDataset | None):
         self.datasets = {"video": videos, "image": images}
-        self.max_retries = max_retries
+        self.bad: dict[tuple[str, int, Shape], str] = {}  # this worker's failures, not decoded again
 
     def __getitem__(self, batch: Batch) -> dict:
-        dataset = self.datasets[batch.kind]
         skipped: dict[str, str] = {}
         items = []
         for index, shape, seed in batch.keys:
-            item = self._read(dataset, index, shape, seed, skipped)
+            item = self._read(batch.kind, index, shape, seed, skipped)
             if isinstance(item, str):  # an error travels as data, so it reaches the caller as one line
                 return {"skipped": skipped, "error": item}
             items.append(item)
@@ -129,17 +127,16 @@ class _Reader(torch.utils.data.Dataset):
                 "is_image": torch.full((len(items),), batch.kind == "image"),
                 "shape": batch.shape, "skipped": skipped}
 
-    def _read(self, dataset: MediaDataset | LatentDataset, index: int, shape: Shape, seed: int,
-              skipped: dict[str, str]) -> dict | str:
+    def _read(self, kind: str, index: int, shape: Shape, seed: int, skipped: dict[str, str]) -> dict | str:
         """The item at `index`, or the first usable one after it; a message if there is none."""
-        tried = []
-        for offset in range(min(self.max_retries + 1, len(dataset))):
+        dataset = self.datasets[kind]
+        for offset in range(len(dataset)):
             substitute = (index + offset) % len(dataset)
+            if (kind, substitute, shape) in self.bad:
+                continue
             try:
                 return dataset[substitute, shape, seed]
             except VideoError as e:
-                path = str(dataset.entries[substitute].path)
-                skipped[path] = str(e)
-                tried.append(path)
-        return (f"no usable file among {', '.join(tried)} (index {index} and {len(tried) - 1} substitutes "
-                f"at {shape.frames}x{shape.height}x{shape.width})")
+                self.bad[kind, substitute, shape] = skipped[str(dataset.entries[substitute].path)] = str(e)
+        return (f"none of the {len(dataset)} {kind} files can be read at {shape.frames}x{shape.height}x{shape.width}, "
+                f"e.g. {self.bad[kind, index, shape]}")
