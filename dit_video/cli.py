@@ -49,12 +49,24 @@ def parse_config_args(cls: type[T], argv: list[str] | None, prog: str, descripti
     return load_config(cls, *config_arguments(argv, prog, description))
 
 
+def check_output_dir(out: str | os.PathLike) -> None:
+    """UsageError unless `out` is a directory, or one could be made there; creates nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    _check_writable(out, out)
+
+
 def check_output_path(out: str | os.PathLike) -> None:
     """UsageError unless `out` could be written, checked before any work and creating nothing."""
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"{out}: is a directory")
-    folder = out.parent
+    _check_writable(out.parent, out)
+
+
+def _check_writable(folder: Path, out: Path) -> None:
+    """`folder`, or the nearest ancestor that exists, must be a writable directory."""
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):

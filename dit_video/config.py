@@ -267,6 +267,20 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
                      sources={key: "command line" for key in parsed})
 
 
+def config_differences(before: Any, now: Any) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two configs (dataclasses or their dicts),
+    sorted: key -> (before, now); a key present in one only has None on the other side."""
+    flat_before, flat_now = (_flat(c if isinstance(c, dict) else to_dict(c)) for c in (before, now))
+    return {key: (flat_before.get(key), flat_now.get(key)) for key in sorted(flat_before.keys() | flat_now.keys())
+            if flat_before.get(key) != flat_now.get(key)}
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the effective config as YAML, atomically (a reader never sees half a file)."""
     return write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))

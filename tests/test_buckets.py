@@ -135,3 +135,6 @@ def test_describe_shows_global_batches_and_shares():
     assert rows == [["video", "9", "32", "32", "3", "12", "1", "17.5%"],
                     ["video", "17", "16", "24", "2", "8", "3", "52.5%"],
                     ["image", "1", "64", "64", "5", "20", "1", "30.0%"]]
+    table = sampler(world=4).describe(accumulate=2)  # an optimizer step takes two batches
+    assert "global: batch x world x accumulate 2" in table
+    assert [line.split()[5] for line in table.splitlines()[2:]] == ["24", "16", "40"]

@@ -56,3 +56,11 @@ def test_peak_memory_is_the_processs_own_and_follows_what_it_holds():
 def test_other_ranks_write_nothing(tmp_path):
     run_steps(RunLog(tmp_path, 1, 2, 0, tensorboard=False), [1, 2])
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_record_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    run_steps(RunLog(tmp_path, 0, 4, 0, tensorboard=False), [1, 2, 3])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.9')  # killed in the middle of the append
+    run_steps(RunLog(tmp_path, 0, 5, 3, tensorboard=False), [4, 5])
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4, 5]

@@ -1,5 +1,6 @@
 """train.py's argument handling and the checks it makes before any work (fast, no DeepSpeed run)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,40 @@ def test_the_vae_stage_has_no_blocks_to_compile():
     load_config(VAETrainConfig, ROOT / "configs/vae/train_tiny.yaml", [])
     with pytest.raises(ConfigError, match="train.compile: compiles a backbone's blocks"):
         load_config(VAETrainConfig, ROOT / "configs/vae/train_tiny.yaml", ["train.compile=true"])
+
+
+def test_a_resumed_run_keeps_what_its_checkpoint_depends_on(tmp_path):
+    from dit_video.cli import UsageError
+    from dit_video.config import save_config
+    from train import check_resumable
+
+    save_config(config(f"out_dir={tmp_path}", "train.steps=10"), tmp_path / "config.yaml")
+    state = {"step": 6}
+    for allowed in ([], ["train.steps=20", "train.checkpoint_every=2", "optim.lr=0.0002", "data.num_workers=2"]):
+        check_resumable(tmp_path, config(f"out_dir={tmp_path}", "train.steps=10", *allowed), state)
+    for override, message in [("optim.zero=3", "optim.zero=2, now 3"), ("train.seed=5", "train.seed=0, now 5"),
+                              ("backbone={name: dit, size: tiny}",
+                               "backbone='configs/dit/dit_tiny.yaml', now {'name': 'dit', 'size': 'tiny'}"),
+                              ("text.max_length=32", "text.max_length=48, now 32")]:
+        with pytest.raises(UsageError, match=re.escape(f"the run started with {message}; a resumed run keeps")):
+            check_resumable(tmp_path, config(f"out_dir={tmp_path}", "train.steps=10", override), state)
+    with pytest.raises(UsageError, match="newest checkpoint is at step 6, past train.steps=4: raise train.steps"):
+        check_resumable(tmp_path, config(f"out_dir={tmp_path}", "train.steps=4"), state)
+
+
+def test_an_unusable_out_dir_or_t5_folder_is_a_one_line_error(tmp_path, vae):
+    from dit_video.cli import UsageError
+    from dit_video.training.stages import DiffusionStage, preflight
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UsageError, match="a_file: exists and is not a directory"):
+        preflight(config(f"out_dir={tmp_path / 'a_file'}"))
+    with pytest.raises(UsageError, match="cannot write there .*a_file is not a writable directory"):
+        preflight(config(f"out_dir={tmp_path / 'a_file' / 'run'}"))
+    preflight(config(f"out_dir={tmp_path / 'new' / 'run'}"))  # made when the run starts
+    assert not (tmp_path / "new").exists()
+
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = config(f"out_dir={tmp_path / 'run'}", f"vae={tmp_path / 'vae'}", f"text={{encoder: t5, path: {tmp_path}}}")
+    with pytest.raises(ConfigError, match=f"text.path: {tmp_path} holds no T5 checkpoint"):
+        DiffusionStage(cfg, 0, 1, torch.device("cpu"), torch.Generator())

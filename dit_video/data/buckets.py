@@ -114,18 +114,22 @@ class BucketSampler:
         self.batches = state["batches"]
         self.positions = dict(state["positions"])
 
-    def describe(self) -> str:
-        """The buckets as a table: per-process and global batch, weight, and share of batches."""
+    def describe(self, accumulate: int = 1) -> str:
+        """The buckets as a table: per-process and global batch, weight, and share of batches.
+        With gradient accumulation an optimizer step takes `accumulate` batches, each of one
+        bucket: the global batch of a step whose batches share a bucket is batch x world x that."""
+        per_step = f" x accumulate {accumulate}" if accumulate > 1 else ""
         lines = [f"buckets: {self.counts['video']} videos, {self.counts['image']} images, "
                  f"image_ratio {self.image_ratio:g}, world {self.world} "
-                 f"(batch: per process, global: batch x world, share: of all batches)",
+                 f"(batch: per process, global: batch x world{per_step}, share: of all batches)",
                  f"{'kind':<6}{'frames':>7}{'height':>7}{'width':>7}{'batch':>7}{'global':>8}{'weight':>8}{'share':>8}"]
         for kind in KINDS:
             kind_share = self.image_ratio if kind == "image" else 1 - self.image_ratio
             total = sum(b.weight for b in self.buckets[kind])
             for b in self.buckets[kind]:
                 lines.append(f"{kind:<6}{b.frames:>7}{b.height:>7}{b.width:>7}{b.batch_size:>7}"
-                             f"{b.batch_size * self.world:>8}{b.weight:>8g}{kind_share * b.weight / total:>8.1%}")
+                             f"{b.batch_size * self.world * accumulate:>8}{b.weight:>8g}"
+                             f"{kind_share * b.weight / total:>8.1%}")
         return "\n".join(lines)
 
 

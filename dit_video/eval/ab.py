@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..cli import UsageError, config_arguments, exits_cleanly
-from ..config import ConfigError, load_config, param, read_yaml, save_config, to_dict
+from ..config import ConfigError, config_differences, load_config, param, read_yaml, save_config, to_dict
 from ..data.latent_cache import LatentDataset
 from ..data.looks import to_uint8
 from ..data.video import write_video
@@ -158,22 +158,15 @@ def check_unchanged(path: Path, cfg: DiffusionTrainConfig) -> None:
     if not path.exists():
         return
     try:
-        before = _flat(to_dict(load_config(type(cfg), path)))
+        before = load_config(type(cfg), path)
     except ConfigError as e:  # e.g. a key since removed or renamed
         raise UsageError(f"this experiment's arm config no longer loads ({e}): give a new out_dir, or delete "
                          f"the old one") from None
-    now = _flat(to_dict(cfg))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    changed = config_differences(before, cfg)
     if changed:
-        key = changed[0]
-        raise UsageError(f"{path}: this experiment ran with {key}={before.get(key)!r}, now {now.get(key)!r} "
+        key, (was, now) = next(iter(changed.items()))
+        raise UsageError(f"{path}: this experiment ran with {key}={was!r}, now {now!r} "
                          f"({len(changed)} keys differ): give a new out_dir, or delete the old one")
-
-
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): data}
 
 
 # ---------------------------------------------------------------------------------------------

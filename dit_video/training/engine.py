@@ -73,8 +73,19 @@ def precision(cfg: OptimConfig, device: torch.device) -> str:
     if cfg.precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if cfg.precision == "bf16" and device.type != "cuda":
-        raise ValueError("train.precision: bf16 needs a CUDA device; use fp32 (or auto) on CPU")
+        raise ValueError("optim.precision: bf16 needs a CUDA device; use fp32 (or auto) on CPU")
     return cfg.precision
+
+
+def zero_section(cfg: OptimConfig) -> dict:
+    """The ZeRO section of the run's DeepSpeed file (`optim.deepspeed`, else the ready file of
+    `optim.zero`); ValueError if the file cannot be read."""
+    path = Path(cfg.deepspeed) if cfg.deepspeed else ZERO_FILES[cfg.zero]
+    try:
+        ready = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"optim.deepspeed: cannot read {path} ({e.__class__.__name__}: {e})") from None
+    return ready.get("zero_optimization", {"stage": cfg.zero})
 
 
 def deepspeed_config(cfg: OptimConfig, micro_batch: int, total_steps: int, device: torch.device,
@@ -82,12 +93,7 @@ def deepspeed_config(cfg: OptimConfig, micro_batch: int, total_steps: int, devic
     """The DeepSpeed config of a run: the ZeRO section of the chosen file, and everything else
     from `cfg`. `micro_batch` is per process; with buckets of several batch sizes DeepSpeed's own
     batch numbers only label its logs, since the loss is averaged by the loop."""
-    path = Path(cfg.deepspeed) if cfg.deepspeed else ZERO_FILES[cfg.zero]
-    try:
-        ready = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"train.deepspeed: cannot read {path} ({e.__class__.__name__}: {e})") from None
-    zero = ready.get("zero_optimization", {"stage": cfg.zero})
+    zero = zero_section(cfg)
     if device.type != "cuda":  # overlapping communication needs CUDA streams
         zero = {k: v for k, v in zero.items() if k != "overlap_comm"}
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))

@@ -35,11 +35,17 @@ class RunLog:
         self.last_time, self.samples = time.perf_counter(), 0
 
     def _truncate(self, step: int) -> float:
-        """Cut the records after `step`; the training time up to it."""
+        """Cut the records after `step`, and a last line torn by a kill mid-append; the training
+        time up to `step`."""
         if not self.path.exists():
             return 0.0
-        kept = [json.loads(line) for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        if lines:
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines.pop()
+        kept = [record for record in map(json.loads, lines) if record.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         return kept[-1].get("elapsed_s", 0.0) if kept else 0.0
 

@@ -22,7 +22,7 @@ from torch import nn
 from vae import VAEConfig, VideoVAE
 from vae.losses import PatchDiscriminator3D
 
-from ..cli import UsageError
+from ..cli import UsageError, check_output_dir
 from ..config import ConfigError, from_dict, read_yaml, save_config
 from ..data import BucketConfig, BucketSampler, Loader, MediaDataset, read_manifest
 from ..data.latent_cache import LatentDataset
@@ -35,6 +35,7 @@ from ..models.pretrained import DiffusionModel, DiffusionModelConfig
 from ..text import build_text_encoder, drop_captions
 from .config import DiffusionTrainConfig, DistillTrainConfig, VAETrainConfig
 from .ema import EMA
+from .engine import zero_section
 from .objective import DiffusionObjective, DistillObjective, VAEObjective
 from .preview import write_preview
 
@@ -51,6 +52,14 @@ def build_stage(cfg: TrainRun, rank: int, world: int, device: torch.device,
 def preflight(cfg: TrainRun) -> None:
     """ConfigError for what a config cannot show by itself but its files do (a distill run's
     teacher and VAE), before any process group, loading or writing."""
+    check_output_dir(cfg.out_dir)
+    try:
+        zero = zero_section(cfg.optim)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.stage == "vae" and cfg.loss.discriminator_start is not None and zero.get("stage", 0) == 3:
+        raise ConfigError(f"loss.discriminator_start: the GAN losses need ZeRO stage <= 2; {cfg.optim.deepspeed} "
+                          f"sets stage 3")
     if cfg.stage == "distill":
         distill_teacher_config(cfg)
 
@@ -116,7 +125,10 @@ class DiffusionStage:
                  generator: torch.Generator):
         self.cfg, self.rank, self.device, self.generator = cfg, rank, device, generator
         self.vae = VideoVAE.from_pretrained(cfg.vae).to(device).eval().requires_grad_(False)
-        text_encoder = build_text_encoder(cfg.text)
+        try:
+            text_encoder = build_text_encoder(cfg.text)
+        except ValueError as e:  # a T5 folder that is not one: the user's input
+            raise ConfigError(str(e)) from None
         self.backbone_config = backbone_config(cfg, self.vae, text_encoder.dim)
         backbone = build_backbone({**self.backbone_config, "gradient_checkpointing": cfg.train.gradient_checkpointing})
         check_buckets(cfg, self.vae, tuple(getattr(backbone.config, "patch", (1, 1, 1))))
