@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -79,19 +80,31 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [p.strip() for p in prompts]
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """UsageError for a number out of its range: NaN and infinities included, and 0 where it
+    would otherwise silently mean the pipeline's default."""
+    bounds = {"--steps": (args.steps, 1), "--frames": (args.frames, 1), "--extend": (args.extend, 0),
+              "--guidance": (args.guidance, 0), "--oscillate": (args.oscillate, 0),
+              "--reconstruction-weight": (args.reconstruction_weight, 0)}
+    for name, (value, low) in bounds.items():
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise UsageError(f"{name} must be a finite number >= {low}, got {value}")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise UsageError(f"--fps must be a finite number > 0, got {args.fps}")
+    if not 0 <= args.seed < 2**63 - 2**31:  # video i uses seed + i
+        raise UsageError(f"--seed must be in [0, 2^63 - 2^31), got {args.seed}")
+
+
 def settings(args: argparse.Namespace, pipeline: Pipeline) -> tuple[SamplerConfig | None, GuidanceConfig | None]:
     """The sampler and guidance the command line asks for (None: each stage's own)."""
-    for name, value in (("--steps", args.steps), ("--guidance", args.guidance), ("--oscillate", args.oscillate),
-                        ("--reconstruction-weight", args.reconstruction_weight)):
-        if value is not None and value < (1 if name == "--steps" else 0):
-            raise UsageError(f"{name} must be >= {1 if name == '--steps' else 0}, got {value}")
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise UsageError(f"--sampler: unknown sampler {args.sampler!r}; choose from {', '.join(SAMPLERS)}")
     sampler = guidance = None
     try:
-        if args.sampler is not None or args.steps is not None:
-            base = pipeline.config.sampler
-            sampler = SamplerConfig(sampler=args.sampler or base.sampler, steps=args.steps or base.steps)
+        if args.steps is not None:  # every stage, a distilled one too, runs these steps
+            sampler = SamplerConfig(sampler=args.sampler or pipeline.config.sampler.sampler, steps=args.steps)
+        elif args.sampler is not None:  # only the kind: each stage keeps its own steps
+            sampler = args.sampler
         if args.guidance is not None or args.oscillate is not None:
             weight = pipeline.config.guidance.weight if args.guidance is None else args.guidance
             # the pipeline's other guidance settings (rescale, thresholding) stay
@@ -120,6 +133,7 @@ def output_paths(out: Path, count: int, gif: bool, sheet: bool) -> list[dict[str
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
     args = arguments(sys.argv[1:] if argv is None else argv)
+    check_numbers(args)
     prompts = read_prompts(args)
     out = Path(args.out)
     paths = output_paths(out, len(prompts), args.gif, args.sheet)
@@ -127,8 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         for path in files.values():
             check_output_path(path)
     check_output_path(out.with_suffix(".yaml"))
-    if args.extend < 0:
-        raise UsageError(f"--extend must be >= 0, got {args.extend}")
     if args.interpolate and args.extend:
         raise UsageError("--extend and --interpolate: choose one")
     if args.interpolate and args.method == "replacement":
@@ -140,16 +152,20 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device {args.device}: not a torch device") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: sampling runs on cpu or cuda")
 
     pipeline = Pipeline.from_pretrained(args.model, device)
     sampler, guidance = settings(args, pipeline)
-    frames = args.frames or pipeline.frames
+    frames = pipeline.frames if args.frames is None else args.frames
     height, width = pipeline.height, pipeline.width
     if args.size:
         try:
             height, width = (int(n) for n in args.size.lower().split("x"))
         except ValueError:
             raise UsageError(f"--size {args.size}: expected HxW, e.g. 64x64") from None
+        if min(height, width) < 1:
+            raise UsageError(f"--size {args.size}: height and width must be >= 1")
     try:
         pipeline.set_size(frames, height, width)
         if args.extend:
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             keyframes = torch.stack([read_image(p, (height, width))[:, 0] for p in args.interpolate])
         except VideoError as e:
             raise UsageError(str(e)) from None
-    fps = args.fps or pipeline.config.fps
+    fps = pipeline.config.fps if args.fps is None else args.fps
 
     if keyframes is not None:
         chunks = pipeline.interpolate(prompts, keyframes, args.seed, args.reconstruction_weight, sampler, guidance)

@@ -98,7 +98,10 @@ class Pipeline:
             if stage.model.backbone.config.in_channels != vae.latent_channels:
                 raise ConfigError(f"stages: {c.model} was trained on {stage.model.backbone.config.in_channels} "
                                   f"latent channels, the VAE has {vae.latent_channels}")
-        self.set_size(cfg.frames, cfg.height, cfg.width)
+        try:
+            self.set_size(cfg.frames, cfg.height, cfg.width)
+        except ValueError as e:  # the folder's own default size: no size of its own to suggest
+            raise ConfigError(f"{root or 'pipeline'}: its default size {str(e).split('; e.g.')[0]}") from None
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "cpu",
@@ -166,12 +169,13 @@ class Pipeline:
     # -- one chunk -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int = 0, sampler: SamplerConfig | None = None,
+    def generate(self, prompts: list[str], seed: int = 0, sampler: SamplerConfig | str | None = None,
                  guidance: GuidanceConfig | None = None, known: Known | None = None,
                  generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
         """Pixels [B, 3, frames, height, width] in [-1, 1], one video per prompt; video i starts
         from the noise of seed + i (so a prompt gives the same video in any batch, with a
-        deterministic sampler). `sampler` / `guidance` replace every stage's settings."""
+        deterministic sampler). `sampler` / `guidance` replace every stage's settings (a sampler
+        named alone, e.g. "pc", only its kind: see stage_settings)."""
         if not prompts or any(not p.strip() for p in prompts):
             raise ValueError("give at least one prompt, and no empty ones")
         generator = generator or torch.Generator(self.device).manual_seed(seed)
@@ -203,14 +207,16 @@ class Pipeline:
         label = f"{model.config.stage} {stage.shape[0]}x{stage.shape[1]}x{stage.shape[2]}" if progress else False
         return sample(denoiser, z, schedule=schedule, generator=generator, progress=label, **sampler.kwargs())
 
-    def stage_settings(self, stage: Stage, sampler: SamplerConfig | None = None,
+    def stage_settings(self, stage: Stage, sampler: SamplerConfig | str | None = None,
                        guidance: GuidanceConfig | None = None) -> tuple[SamplerConfig, GuidanceConfig]:
         """What a stage samples with: the settings given, else the stage's, else the pipeline's
-        (a distilled model runs the steps it was distilled for)."""
-        if sampler is None:
-            sampler = stage.config.sampler or self.config.sampler
+        (a distilled model runs the steps it was distilled for). A sampler given by name alone
+        ("pc") replaces only the kind: each stage keeps its own steps."""
+        if sampler is None or isinstance(sampler, str):
+            own = stage.config.sampler or self.config.sampler
             if stage.config.sampler is None and stage.model.config.steps is not None:
-                sampler = replace(sampler, steps=stage.model.config.steps)
+                own = replace(own, steps=stage.model.config.steps)
+            sampler = own if sampler is None else replace(own, sampler=sampler)
         return sampler, guidance or stage.config.guidance or self.config.guidance
 
     @staticmethod
@@ -272,7 +278,7 @@ class Pipeline:
         return 1 + step * k
 
     def extend(self, prompts: list[str], chunks: int, seed: int = 0, method: Method = "guided",
-               weight: float | None = None, sampler: SamplerConfig | None = None,
+               weight: float | None = None, sampler: SamplerConfig | str | None = None,
                guidance: GuidanceConfig | None = None, progress: bool = True) -> Iterator[torch.Tensor]:
         """The first chunk, then `chunks` more, each continuing from the last `context_frames()`
         frames of the one before; yields the new frames [B, 3, t, H, W] of each chunk, so a
@@ -293,7 +299,7 @@ class Pipeline:
             yield new
 
     def interpolate(self, prompts: list[str], keyframes: torch.Tensor, seed: int = 0, weight: float | None = None,
-                    sampler: SamplerConfig | None = None, guidance: GuidanceConfig | None = None,
+                    sampler: SamplerConfig | str | None = None, guidance: GuidanceConfig | None = None,
                     progress: bool = True) -> Iterator[torch.Tensor]:
         """Fill the frames between consecutive `keyframes` [K, 3, H, W] (K >= 2, output size; the
         same for every prompt): one chunk per pair that starts at one and ends at the next.

@@ -66,6 +66,21 @@ def test_guidance_and_sampler_settings_reach_every_stage(pipe):
     assert (plain - guided).abs().mean() > 1e-3 and (plain - stochastic).abs().mean() > 1e-3
 
 
+def test_a_distilled_stage_keeps_its_steps_unless_steps_are_given(pipe, monkeypatch):
+    """A sampler named alone changes the kind only; --steps changes every stage's steps."""
+    import sample
+    from dit_video.diffusion import SamplerConfig
+
+    base, tsr = pipe.stages[:2]
+    monkeypatch.setattr(base.model.config, "steps", 4)  # as if distilled to 4 steps
+    assert pipe.stage_settings(base)[0] == SamplerConfig(sampler="ddim", steps=4)
+    assert pipe.stage_settings(base, "pc")[0].steps == 4 and pipe.stage_settings(base, "pc")[0].sampler == "pc"
+    assert pipe.stage_settings(tsr, "pc")[0] == SamplerConfig(sampler="pc", steps=3)  # the pipeline's steps
+    assert pipe.stage_settings(base, SamplerConfig(sampler="pc", steps=2))[0].steps == 2
+    assert sample.settings(sample.arguments(["--sampler", "pc"]), pipe)[0] == "pc"
+    assert sample.settings(sample.arguments(["--steps", "2"]), pipe)[0] == SamplerConfig(sampler="ddim", steps=2)
+
+
 def final_latents(pipe, monkeypatch):
     """What the last stage hands to the decoder, recorded on each generate."""
     seen, decode = [], pipe.vae.decode
@@ -134,6 +149,11 @@ def test_missing_and_damaged_folders_are_one_line_errors(folder, tmp_path):
     shutil.rmtree(broken / "ssr")
     with pytest.raises(ConfigError, match="ssr: no such model directory"):
         Pipeline.from_pretrained(broken)
+    shutil.copytree(folder / "ssr", broken / "ssr")
+    settings = yaml.safe_load((broken / "pipeline.yaml").read_text())
+    (broken / "pipeline.yaml").write_text(yaml.safe_dump({**settings, "frames": 8}))
+    with pytest.raises(ConfigError, match="broken: its default size 8x16x16 does not fit the pipeline: its ssr stage"):
+        Pipeline.from_pretrained(broken)
 
 
 def sample_py(*args, cwd):
@@ -193,7 +213,15 @@ def test_sample_py_size_rate_and_device_reach_the_file(folder, tmp_path, monkeyp
     (["--prompt", "a red circle", "--model", "nowhere"], "not a pipeline folder"),
     (["--prompt", "a red circle", "--out", "clip.avi"], "must end in .mp4"),
     (["--prompt", "a red circle", "--out", "a.png/clip.mp4"], "cannot write there"),
-    (["--prompt", "a red circle", "--steps", "0"], "--steps must be >= 1"),
+    (["--prompt", "a red circle", "--steps", "0"], "--steps must be a finite number >= 1, got 0"),
+    (["--prompt", "a red circle", "--frames", "0"], "--frames must be a finite number >= 1, got 0"),
+    (["--prompt", "a red circle", "--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+    (["--prompt", "a red circle", "--oscillate", "inf"], "--oscillate must be a finite number >= 0, got inf"),
+    (["--prompt", "a red circle", "--extend", "1", "--reconstruction-weight", "nan"], "--reconstruction-weight must"),
+    (["--prompt", "a red circle", "--fps", "0"], "--fps must be a finite number > 0, got 0.0"),
+    (["--prompt", "a red circle", "--size", "0x0"], "--size 0x0: height and width must be >= 1"),
+    (["--prompt", "a red circle", "--seed", "99999999999999999999999"], "--seed must be in [0, 2^63 - 2^31)"),
+    (["--prompt", "a red circle", "--device", "meta"], "--device meta: sampling runs on cpu or cuda"),
     (["--prompt", "a red circle", "--interpolate", "a.png"], "2 or more images"),
     (["--prompt", "a red circle", "--interpolate", "a.png", "b.png"], "a.png: not a readable image"),
     (["--prompt", "a red circle", "--extend", "1", "--method", "replacement", "--interpolate", "a.png", "b.png"],
