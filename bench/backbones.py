@@ -1,7 +1,9 @@
 """Training-step cost of the backbones versus video length: dit (factorized attention), dit3d
-(joint attention) and unet3d at matched parameter counts, and, side by side, the two video
-transformers that diffusers ships, with random weights at the same width, depth, heads, patch
-and input as ours:
+(joint attention) and unet3d at matched parameter counts (dit at --width; dit3d, which has one
+attention per block instead of two, and unet3d at the width whose count is closest to dit's;
+--match width keeps dit3d at dit's width), and, side by side, the two video transformers that
+diffusers ships, with random weights at the same width, depth, heads, patch and input as our
+arm they pair with:
 
 - latte (`LatteTransformer3DModel`): factorized like dit; its depth counts pairs of blocks (a
   spatial one with cross-attention, then a temporal one, each with its own MLP), so at one width
@@ -39,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
+import math
 import statistics
 import sys
 import time
@@ -59,6 +63,7 @@ from dit_video.cli import UsageError, exits_cleanly  # noqa: E402
 from dit_video.models import (BACKENDS, DiT, DiTConfig, UNet3D, UNet3DConfig, compile_blocks,  # noqa: E402
                               resolve_backend)
 from dit_video.models.flops import count_parameters  # noqa: E402
+from dit_video.models.registry import backbone_parameters, match_parameters  # noqa: E402
 from dit_video.system import machine_name, peak_resident_bytes, resident_bytes  # noqa: E402
 
 ARMS = ("dit", "dit3d", "unet3d", "latte", "cogvideox")
@@ -71,24 +76,24 @@ TEXT_DIM, TEXT_LEN = 64, 16
 def build(arm: str, args, frames: int) -> torch.nn.Module:
     torch.manual_seed(0)
     if arm in ("dit", "dit3d"):
-        return DiT(DiTConfig(name=arm, width=args.width, depth=args.depth, heads=args.heads, text_dim=TEXT_DIM,
-                             attention_backend=args.attention, text_attention=text_attention(arm, args)))
+        return DiT(DiTConfig(**transformer_config(arm, args), attention_backend=args.attention))
     if arm == "unet3d":
         return UNet3D(dataclasses.replace(unet_config(args), attention_backend=args.attention))
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # silences its warning on .to(dtype), moot for these models
-    shared = dict(num_attention_heads=args.heads, attention_head_dim=args.width // args.heads, in_channels=4,
+    width = transformer_config("dit" if arm == "latte" else "dit3d", args)["width"]  # the arm it pairs with
+    shared = dict(num_attention_heads=args.heads, attention_head_dim=width // args.heads, in_channels=4,
                   out_channels=4, num_layers=args.depth, patch_size=2, activation_fn="gelu-approximate")
     if arm == "latte":
         from diffusers import LatteTransformer3DModel
 
-        return LatteTransformer3DModel(**shared, cross_attention_dim=args.width, sample_size=args.size,
+        return LatteTransformer3DModel(**shared, cross_attention_dim=width, sample_size=args.size,
                                        num_embeds_ada_norm=1000, norm_type="ada_norm_single",
                                        caption_channels=TEXT_DIM, video_length=frames)
     from diffusers import CogVideoXTransformer3DModel
 
-    return CogVideoXTransformer3DModel(**shared, time_embed_dim=args.width, text_embed_dim=TEXT_DIM,
+    return CogVideoXTransformer3DModel(**shared, time_embed_dim=width, text_embed_dim=TEXT_DIM,
                                        sample_width=args.size, sample_height=args.size, sample_frames=frames,
                                        temporal_compression_ratio=1, max_text_seq_length=TEXT_LEN)
 
@@ -101,28 +106,39 @@ def text_attention(arm: str, args) -> str:
     return "joint" if arm == "dit3d" else "cross"
 
 
+@functools.cache
+def _matched(name: str, width: int, depth: int, heads: int, dit_text: str, dit3d_text: str) -> dict:
+    """The config of backbone `name` whose parameter count is closest to dit's at `width`: unet3d
+    in steps of 16; dit3d in steps that keep whole heads of a multiple of 4 channels and a width
+    that CogVideoX's 3D sin-cos positions can split (a multiple of 16), as its pair runs at it."""
+    dit = {"name": "dit", "width": width, "depth": depth, "heads": heads, "text_dim": TEXT_DIM,
+           "text_attention": dit_text}
+    target = backbone_parameters(dit)
+    if name == "dit3d":
+        return match_parameters({**dit, "name": "dit3d", "text_attention": dit3d_text}, target,
+                                step=math.lcm(4 * heads, 16))
+    unet = {"name": "unet3d", "channel_mult": [1, 2, 2], "blocks_per_level": 2, "attention_levels": [1, 2],
+            "head_dim": 16, "norm_groups": 16, "text_dim": TEXT_DIM}
+    return match_parameters(unet, target, step=16)
+
+
+def transformer_config(arm: str, args) -> dict:
+    """DiTConfig keys of our `arm` (dit or dit3d); see the module docstring for dit3d's width."""
+    cfg = {"name": arm, "width": args.width, "depth": args.depth, "heads": args.heads, "text_dim": TEXT_DIM,
+           "text_attention": text_attention(arm, args)}
+    if arm == "dit3d" and args.match == "parameters":
+        cfg["width"] = _matched("dit3d", *_sizes(args))["width"]
+    return cfg
+
+
+def _sizes(args) -> tuple:
+    return args.width, args.depth, args.heads, text_attention("dit", args), text_attention("dit3d", args)
+
+
 def unet_config(args) -> UNet3DConfig:
     """The U-Net whose parameter count is closest to our dit's (base width in steps of 16)."""
-    with torch.device("meta"):
-        return _closest_unet(args)
-
-
-def _closest_unet(args) -> UNet3DConfig:
-    target = count_parameters(DiT(DiTConfig(width=args.width, depth=args.depth, heads=args.heads, text_dim=TEXT_DIM)))
-
-    def make(channels: int) -> UNet3DConfig:
-        return UNet3DConfig(channels=channels, channel_mult=[1, 2, 2], blocks_per_level=2, attention_levels=[1, 2],
-                            head_dim=16, norm_groups=16, text_dim=TEXT_DIM)
-
-    best, channels = None, 16
-    while True:  # grow the width until the count passes the target; keep the closest
-        cfg = make(channels)
-        gap = count_parameters(UNet3D(cfg)) - target
-        if best is None or abs(gap) < best[0]:
-            best = (abs(gap), cfg)
-        if gap > 0:
-            return best[1]
-        channels += 16
+    cfg = _matched("unet3d", *_sizes(args))
+    return UNet3DConfig(**cfg)
 
 
 def inputs(arm: str, args, frames: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +270,8 @@ def run(args) -> dict:
     backend = resolve_backend(torch.device(args.device)) if args.attention == "auto" else args.attention
     result = {"machine": machine_name(args.device), "torch": torch.__version__, "device": args.device,
               "dtype": args.dtype, "attention": backend, "matmul_peak_tflops": peak_flops and peak_flops / 1e12,
-              "batch": args.batch, "width": args.width, "depth": args.depth, "heads": args.heads,
+              "batch": args.batch, "width": args.width, "depth": args.depth, "heads": args.heads, "match": args.match,
+              "dit3d_width": transformer_config("dit3d", args)["width"],
               "latent_size": args.size, "text_tokens": TEXT_LEN, "compile": args.compile,
               "text_attention": {a: text_attention(a, args) for a in args.arms if a in ("dit", "dit3d")}, "repeats": args.repeats,
               "unet3d_config": dict(unet_config(args).__dict__), "rows": rows, "ratios": ratios(rows)}
@@ -297,6 +314,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-attention", choices=("matched", "cross", "joint"), default="matched",
                    help="how our dit and dit3d arms see the text (DiTConfig.text_attention); matched: "
                         "as their diffusers counterparts (dit cross, like Latte; dit3d joint, like CogVideoX)")
+    p.add_argument("--match", choices=("parameters", "width"), default="parameters",
+                   help="dit3d at dit's parameter count (default) or at its width")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (ours and theirs); not for unet3d")
@@ -339,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
 def _passthrough(args) -> list[str]:
     return ["--width", str(args.width), "--depth", str(args.depth), "--heads", str(args.heads), "--size",
             str(args.size), "--device", args.device, "--dtype", args.dtype, "--attention", args.attention,
-            "--text-attention", args.text_attention, "--batch", str(args.batch)] + ["--compile"] * args.compile
+            "--text-attention", args.text_attention, "--match", args.match, "--batch", str(args.batch)] \
+        + ["--compile"] * args.compile
 
 
 def plot(result: dict, path: Path) -> None:

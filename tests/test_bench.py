@@ -13,7 +13,7 @@ import torch
 
 from bench import backbones, report, sampling, training
 from dit_video.diffusion import SamplerConfig
-from dit_video.models.flops import count_flops
+from dit_video.models.flops import count_flops, count_parameters
 from dit_video.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +53,10 @@ def test_diffusers_arms_have_our_width_depth_heads_and_input():
     args = backbones.parser().parse_args(TINY)
     frames = 3
     z_ours, text_ours = backbones.inputs("dit", args, frames, "cpu", torch.float32)
-    for arm in ("latte", "cogvideox"):
+    for arm, ours in (("latte", "dit"), ("cogvideox", "dit3d")):  # each at the width of our arm it pairs with
         cfg = backbones.build(arm, args, frames).config
-        assert (cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers) == (args.width, args.depth)
+        width = backbones.build(ours, args, frames).config.width
+        assert (cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers) == (width, args.depth)
         assert (cfg.num_attention_heads, cfg.patch_size, cfg.in_channels) == (args.heads, 2, 4)
     for arm in ("dit", "dit3d", "latte", "cogvideox"):
         z, text = backbones.inputs(arm, args, frames, "cpu", torch.float32)
@@ -68,6 +69,15 @@ def test_diffusers_arms_have_our_width_depth_heads_and_input():
     with torch.device("meta"):
         dit, latte = (sum(p.numel() for p in backbones.build(arm, default, 8).parameters()) for arm in ("dit", "latte"))
     assert latte == pytest.approx(dit, rel=0.01)
+    # our three arms at matched parameter counts: dit3d and the U-Net at the widths closest to dit's
+    # count that their steps allow (48 and 16 channels here: within 13%); or, with --match width,
+    # dit3d at dit's width
+    with torch.device("meta"):
+        count = {arm: count_parameters(backbones.build(arm, default, 8)) for arm in ("dit", "dit3d", "unet3d")}
+    for arm in ("dit3d", "unet3d"):
+        assert count[arm] == pytest.approx(count["dit"], rel=0.13)
+    by_width = backbones.parser().parse_args(["--match", "width"])
+    assert backbones.build("dit3d", by_width, 8).config.width == by_width.width
     # the FLOP count of the diffusers arms is the one that gives count_flops for ours; our arms
     # take the text as their counterparts do unless told otherwise
     for arm, text_attention in (("dit", "cross"), ("dit3d", "joint")):
