@@ -129,7 +129,10 @@ def train(cfg: TrainRun) -> dict:
         check_resumable(out, cfg, state)
     same_world = state is None or state["world"] == world
     if resume is not None and not same_world:
-        ensure_universal(resume, rank)
+        try:
+            ensure_universal(resume, rank)
+        except RuntimeError as e:
+            raise Stop(f"{e}; or resume with the {state['world']} processes that wrote it") from None
     micro = (cfg.data.buckets or cfg.data.image_buckets)[0].batch_size
     try:
         ds_config = deepspeed_config(cfg.optim, micro, cfg.train.steps, device, load_universal=not same_world)

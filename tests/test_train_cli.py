@@ -140,3 +140,17 @@ def test_an_unusable_out_dir_or_t5_folder_is_a_one_line_error(tmp_path, vae):
     cfg = config(f"out_dir={tmp_path / 'run'}", f"vae={tmp_path / 'vae'}", f"text={{encoder: t5, path: {tmp_path}}}")
     with pytest.raises(ConfigError, match=f"text.path: {tmp_path} holds no T5 checkpoint"):
         DiffusionStage(cfg, 0, 1, torch.device("cpu"), torch.Generator())
+
+
+def test_a_failed_universal_conversion_says_how_to_convert_by_hand(tmp_path):
+    """Resuming with another number of processes converts the DeepSpeed states first; states it
+    cannot convert (here: none) end in one line with the converter's reason and its command."""
+    from dit_video.training.checkpoint import ensure_universal
+
+    step = tmp_path / "step_00000004"
+    (step / "ds").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match=re.escape(f"converting to a universal checkpoint failed (")
+                       + ".*" + re.escape(f"ds_to_universal --input_folder {step / 'ds'} --output_folder "
+                                          f"{step / 'universal'}")):
+        ensure_universal(step, 0)  # rank 0 converts before any barrier
+    assert sorted(p.name for p in step.iterdir()) == ["ds"]

@@ -127,7 +127,9 @@ def ensure_universal(path: Path, rank: int) -> None:
                                  str(path / "ds"), "--output_folder", str(tmp)], capture_output=True, text=True)
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"{path}: converting to a universal checkpoint failed: {tail[0]}")
+            raise RuntimeError(f"{path}: converting to a universal checkpoint failed ({tail[0]}); to convert by "
+                               f"hand: python -m deepspeed.checkpoint.ds_to_universal --input_folder {path / 'ds'} "
+                               f"--output_folder {target}")
         tmp.rename(target)
     dist.barrier()
 
