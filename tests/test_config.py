@@ -46,6 +46,8 @@ def test_unknown_keys_name_the_file_and_suggest(tmp_path):
     ("samplers: [ddim, euler]\n", "FILE: samplers[1]: expected one of 'ddim', 'ddim_eta1', 'ancestral', "
                                   "'ancestral_gamma1', 'pc', got 'euler'"),
     ("schedule: 3\n", "FILE: schedule: expected a mapping, got 3"),
+    ("schedule:\n  logsnr_min: .nan\n", "FILE: schedule.logsnr_min: expected a number, got nan"),  # passes any range
+    ("schedule:\n  logsnr_max: nan\n", "FILE: schedule.logsnr_max: expected a number, got 'nan'"),
     ("schedule:\n  logsnr_min: 30\n", "FILE: schedule: logsnr_min (30.0) must be below logsnr_max (20.0)"),
     ("out: samples.gif\n", "FILE: out must be a .png path, got 'samples.gif'"),
 ])
