@@ -70,3 +70,23 @@ def test_bad_calls_are_refused():
         attention(q, k, v, key_mask=torch.ones(2, 5))
     with pytest.raises(RuntimeError, match="CUDA only"):
         attention(q, k, v, backend="xformers")
+
+
+def test_why_xformers_was_passed_over_is_one_line(monkeypatch):
+    """`auto` logs why xformers did not run: its usual failure, a wheel built for another PyTorch,
+    surfaces only as "No operator found", so the cause is read from its extension's load error."""
+    xformers_cpp = pytest.importorskip("xformers._cpp_lib")
+    from dit_video.models.attention import _why_not_xformers
+
+    symptom = RuntimeError("No operator found for `memory_efficient_attention_forward` with inputs:\n  query: ...")
+    monkeypatch.setattr(xformers_cpp, "_cpp_library_load_exception", None, raising=False)
+    assert _why_not_xformers(symptom) == "No operator found for `memory_efficient_attention_forward` with inputs:"
+    load_error = ("xFormers can't load C++/CUDA extensions. xFormers was built for:\n"
+                  "    PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.14.1+cu130)\n"
+                  "    Python  3.10.19 (you have 3.11.7)\n"
+                  "  Please reinstall xformers (see https://github.com/facebookresearch/xformers#installing-xformers)\n"
+                  "  Set XFORMERS_MORE_DETAILS=1 for more details")
+    monkeypatch.setattr(xformers_cpp, "_cpp_library_load_exception", RuntimeError(load_error), raising=False)
+    reason = _why_not_xformers(symptom)
+    assert "\n" not in reason and reason.startswith("xformers ") and "cannot load its CUDA kernels" in reason
+    assert "PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.14.1+cu130)" in reason and "Please" not in reason
