@@ -111,6 +111,8 @@ def test_a_state_from_other_data_is_refused():
     (dict(image_count=0, image_buckets=[]), "image_ratio=0.3 but there are no images"),
     (dict(video_count=0, video_buckets=[]), "image_ratio=0.3 but there are only images: set it to 1"),
     (dict(video_count=0, video_buckets=[], image_count=0, image_buckets=[], image_ratio=0), "no data"),
+    (dict(image_ratio=0), "11 images but image_ratio=0: they would never be drawn"),
+    (dict(image_ratio=1), "23 videos but image_ratio=1: they would never be drawn"),
     (dict(rank=2, world=2), "need 0 <= rank < world"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, error):

@@ -155,3 +155,6 @@ def _validate(counts: dict[str, int], buckets: dict[str, list[BucketConfig]], im
         raise ValueError(f"image_ratio={image_ratio} but there are no images")
     if not counts["video"] and image_ratio != 1:
         raise ValueError(f"image_ratio={image_ratio} but there are only images: set it to 1")
+    for kind, never in (("image", 0), ("video", 1)):  # given, yet never drawn
+        if counts[kind] and image_ratio == never:
+            raise ValueError(f"{counts[kind]} {kind}s but image_ratio={image_ratio}: they would never be drawn")
