@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 from dit_video.cli import UsageError, config_arguments, exits_cleanly
-from dit_video.config import ConfigError, config_differences, load_config, read_yaml, save_config, to_dict
+from dit_video.config import ConfigError, load_config, read_yaml, save_config
 from dit_video.data.loader import NoUsableData
-from dit_video.training.checkpoint import complete_checkpoints, ensure_universal, read_trainer_state
+from dit_video.training.checkpoint import check_resumable, complete_checkpoints, ensure_universal, read_trainer_state
 from dit_video.training.checkpoint import load as checkpoint_load
 from dit_video.training.checkpoint import save as checkpoint_save
 from dit_video.training.config import DiffusionTrainConfig, DistillTrainConfig, VAETrainConfig
@@ -47,38 +47,6 @@ def load_train_config(path: str, overrides: list[str]) -> TrainRun:
     if stage not in STAGES:
         raise ConfigError(f"{path}: stage: expected one of {', '.join(map(repr, STAGES))}, got {stage!r}")
     return load_config(STAGES[stage], path, overrides)
-
-
-# What a resumed run must keep: the model's shape, what feeds it, the data stream and the ZeRO
-# layout its checkpoint was written in. Steps, intervals, the learning rate and the like may change.
-FIXED_ON_RESUME = ("stage", "model", "vae", "teacher", "backbone", "text", "cascade", "data.videos", "data.latents",
-                   "data.images", "train.seed", "optim.zero", "optim.deepspeed")
-
-
-def check_resumable(out: Path, cfg: TrainRun, state: dict) -> None:
-    """UsageError, before anything is loaded, if the run in `out` cannot go on under `cfg`."""
-    if state["step"] > cfg.train.steps:
-        raise UsageError(f"{out}: its newest checkpoint is at step {state['step']}, past train.steps="
-                         f"{cfg.train.steps}: raise train.steps to go on, or give a new out_dir")
-    saved = out / "config.yaml"
-    try:
-        before = load_config(type(cfg), saved)
-    except ConfigError as e:
-        raise UsageError(f"{saved}: the run's config no longer loads ({e}): give a new out_dir") from None
-    for key in FIXED_ON_RESUME:
-        was, now = (_dotted(to_dict(c), key) for c in (before, cfg))
-        if was != now:
-            if isinstance(was, dict) and isinstance(now, dict):  # name the first key that differs
-                inner, (was, now) = next(iter(config_differences(was, now).items()))
-                key = f"{key}.{inner}"
-            raise UsageError(f"{out}: the run started with {key}={was!r}, now {now!r}; a resumed run keeps its "
-                             f"model, data sources, seed and ZeRO layout: give a new out_dir to change them")
-
-
-def _dotted(data: dict, key: str):
-    for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
 
 
 class Stop(Exception):

@@ -108,7 +108,7 @@ def test_the_vae_stage_has_no_blocks_to_compile():
 def test_a_resumed_run_keeps_what_its_checkpoint_depends_on(tmp_path):
     from dit_video.cli import UsageError
     from dit_video.config import save_config
-    from train import check_resumable
+    from dit_video.training.checkpoint import check_resumable
 
     save_config(config(f"out_dir={tmp_path}", "train.steps=10"), tmp_path / "config.yaml")
     state = {"step": 6}

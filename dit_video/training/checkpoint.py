@@ -12,7 +12,8 @@ A checkpoint is written under `step_N.tmp/`, synced, marked COMPLETE only after 
 that every rank reaches when its own files are on disk, then renamed into place; only then are
 older ones pruned (the newest `keep` stay). DeepSpeed's `latest` file is not used: it is
 written before all ranks finish. A run killed at any moment thus leaves the last complete
-checkpoint loadable, and resume reads only directories that carry COMPLETE.
+checkpoint loadable, and resume reads only directories that carry COMPLETE. Before anything is
+loaded, `check_resumable` refuses a config that changed what the checkpoint depends on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from ..cli import UsageError
+from ..config import ConfigError, config_differences, load_config, to_dict
 from ..files import write_text_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -114,6 +117,38 @@ def save(root: Path, step: int, engine, rank: int, trainer_state: dict, generato
 
 def read_trainer_state(path: Path) -> dict:
     return json.loads((path / "trainer.json").read_text())
+
+
+# What a resumed run must keep: the model's shape, what feeds it, the data stream and the ZeRO
+# layout its checkpoint was written in. Steps, intervals, the learning rate and the like may change.
+FIXED_ON_RESUME = ("stage", "model", "vae", "teacher", "backbone", "text", "cascade", "data.videos", "data.latents",
+                   "data.images", "train.seed", "optim.zero", "optim.deepspeed")
+
+
+def check_resumable(out: Path, cfg, state: dict) -> None:
+    """UsageError, before anything is loaded, if the run in `out` cannot go on under `cfg`."""
+    if state["step"] > cfg.train.steps:
+        raise UsageError(f"{out}: its newest checkpoint is at step {state['step']}, past train.steps="
+                         f"{cfg.train.steps}: raise train.steps to go on, or give a new out_dir")
+    saved = out / "config.yaml"
+    try:
+        before = load_config(type(cfg), saved)
+    except ConfigError as e:
+        raise UsageError(f"{saved}: the run's config no longer loads ({e}): give a new out_dir") from None
+    for key in FIXED_ON_RESUME:
+        was, now = (_dotted(to_dict(c), key) for c in (before, cfg))
+        if was != now:
+            if isinstance(was, dict) and isinstance(now, dict):  # name the first key that differs
+                inner, (was, now) = next(iter(config_differences(was, now).items()))
+                key = f"{key}.{inner}"
+            raise UsageError(f"{out}: the run started with {key}={was!r}, now {now!r}; a resumed run keeps its "
+                             f"model, data sources, seed and ZeRO layout: give a new out_dir to change them")
+
+
+def _dotted(data: dict, key: str):
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 def ensure_universal(path: Path, rank: int) -> None:
