@@ -50,8 +50,9 @@ def build_stage(cfg: TrainRun, rank: int, world: int, device: torch.device,
 
 
 def preflight(cfg: TrainRun) -> None:
-    """ConfigError for what a config cannot show by itself but its files do (a distill run's
-    teacher and VAE), before any process group, loading or writing."""
+    """One-line errors for what a config cannot show by itself but the file system does: an
+    out_dir that cannot be made, an unreadable DeepSpeed file (and ZeRO-3 set in it for a VAE with
+    GAN losses), a distill run's teacher and VAE; before any process group, loading or writing."""
     check_output_dir(cfg.out_dir)
     try:
         zero = zero_section(cfg.optim)
