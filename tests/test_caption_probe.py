@@ -11,7 +11,8 @@ from dit_video.data.synthetic import COLORS, generate
 from dit_video.diffusion import diffuse
 from dit_video.eval import parse_caption
 from dit_video.eval.adherence import ATTRIBUTES
-from dit_video.eval.caption_probe import caption_reliance, changed_captions, main
+from dit_video.data.synthetic import caption as make_caption
+from dit_video.eval.caption_probe import attribute_identification, caption_reliance, changed_captions, main
 from pipeline_checks import write_pipeline
 
 CAPTIONS = ["a red circle moving right on a gray background", "a white triangle moving down on a dark blue background"]
@@ -46,6 +47,29 @@ def test_reliance_on_a_denoiser_that_reads_only_the_color():
         assert row["increase"]["shape"] == row["increase"]["direction"] == row["increase"]["background"] == 0.0
         assert row["increase"]["color"] > 1.0
         assert row["mse"]["null"] == pytest.approx((0.1 * z - latents).square().mean().item(), rel=1e-6)
+    # as a classifier it names every clip's color, and no other attribute: their values all tie
+    for row in attribute_identification(denoise, latents, captions, [-2.0, 3.0], torch.Generator().manual_seed(0)):
+        assert row["accuracy"] == {"shape": 0.0, "color": 1.0, "direction": 0.0, "background": 0.0}
+
+
+def test_identification_counts_the_clips_whose_own_value_denoises_best():
+    """A denoiser that answers each direction word's own latent, except that for the last clips
+    their true word gives a far-off one: exactly the first clips are identified."""
+    captions = [make_caption("circle", "red", d, "gray") for d in ("right", "left", "up", "down")] * 2
+    targets = {d: torch.full((1, 2, 2, 2), float(i)) for i, d in enumerate(("right", "left", "up", "down"))}
+    latents = torch.stack([targets[parse_caption(c)["direction"]] for c in captions])
+    readable = 3  # the first three clips' own direction gives their latent; the rest are misread
+
+    def denoise(z, logsnr, texts):
+        out = []
+        for i, text in enumerate(texts):
+            d = parse_caption(text)["direction"]
+            own = d == parse_caption(captions[i])["direction"]
+            out.append(targets[d] + (10.0 if own and i >= readable else 0.0))
+        return torch.stack(out)
+
+    rows = attribute_identification(denoise, latents, captions, [0.0], torch.Generator().manual_seed(0))
+    assert rows[0]["accuracy"]["direction"] == readable / len(captions)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +89,11 @@ def test_the_command_prints_and_writes_the_table(setup, tmp_path, capsys):
     main(["--model", str(setup / "pipeline/base"), "--latents", str(setup / "cache"), "--clips", "4",
           "--logsnr", "-1", "1", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "| log-SNR | MSE, true caption | wrong shape |" in printed
+    assert "| log-SNR | MSE, true caption | wrong shape |" in printed and "| log-SNR | shape | color |" in printed
     figures = json.loads(out.read_text())
     assert figures["clips"] == 4 and [row["logsnr"] for row in figures["rows"]] == [-1.0, 1.0]
     assert all(row["mse"]["true"] > 0 and set(row["increase"]) == set(ATTRIBUTES) for row in figures["rows"])
+    assert [set(row["accuracy"]) for row in figures["identification"]] == [set(ATTRIBUTES)] * 2
     # this folder's raw weights equal its EMA weights (write_pipeline saves them so): same figures;
     # another noise seed: other figures
     runs = {}

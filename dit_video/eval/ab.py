@@ -44,7 +44,6 @@ import torch
 
 from ..cli import UsageError, config_arguments, exits_cleanly
 from ..config import ConfigError, config_differences, load_config, param, read_yaml, save_config, to_dict
-from ..data.latent_cache import LatentDataset
 from ..data.looks import to_uint8
 from ..data.video import write_video
 from ..diffusion import SamplerConfig
@@ -56,8 +55,8 @@ from ..pipeline import Pipeline
 from ..system import machine_name
 from ..training.checkpoint import complete_checkpoints, read_trainer_state
 from ..training.config import DiffusionTrainConfig
-from .adherence import ATTRIBUTES, adherence_table, parse_caption
-from .caption_probe import caption_reliance, model_caption_denoiser
+from .adherence import ATTRIBUTES, adherence_table
+from .caption_probe import caption_reliance, model_caption_denoiser, probe_clips
 from .evaluate import all_prompts, extension_figures, generate_all, spread
 
 ROOT = Path(__file__).resolve().parents[2]  # where train.py is
@@ -293,24 +292,15 @@ def evaluate_arm(model: DiffusionModel, reference: Pipeline, cfg: ABEvalConfig) 
     if cfg.extension_prompts:
         figures["extension"] = extension_figures(pipe, spread(prompts, cfg.extension_prompts), cfg.batch)
     if cfg.latents and model.config.stage == "base":
-        latents, captions = probe_clips(cfg.latents, cfg.probe_clips, model.backbone)
+        try:
+            latents, captions = probe_clips(cfg.latents, cfg.probe_clips)
+        except ValueError as e:
+            raise UsageError(f"eval.latents: {e}") from None
+        latents = latents.to(next(model.backbone.parameters()).device)
         rows = caption_reliance(model_caption_denoiser(model), latents, captions, cfg.probe_logsnr,
                                 torch.Generator().manual_seed(0))
         figures["denoising"] = rows
     return figures, videos
-
-
-def probe_clips(cache_dir: str, count: int, backbone: torch.nn.Module) -> tuple[torch.Tensor, list[str]]:
-    """`count` clips spread over the latent cache (its first shape), and their captions."""
-    try:
-        cache = LatentDataset(cache_dir)
-        items = [cache[(i * len(cache) // min(count, len(cache)), cache.shapes[0], 0)] for i in range(min(count, len(cache)))]
-        for item in items:
-            parse_caption(item["caption"])
-    except ValueError as e:
-        raise UsageError(f"eval.latents: {e}") from None
-    device = next(backbone.parameters()).device
-    return torch.stack([item["latent"] for item in items]).to(device), [item["caption"] for item in items]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,14 @@ the null text. The denoising error with the true caption is what the model achie
 a wrong attribute raises it is how much the model uses that attribute. An attribute the model
 has not learned leaves the error unchanged, however the sampler or the guidance weight is set,
 so this is where a missed attribute of the adherence evaluation should be looked for first.
-It watches a training run cheaply: point it at any exported model folder.
+It watches a training run cheaply: point it at any exported model folder (and
+`dit_video.eval.learning_curve` at every checkpoint of a run).
+
+The error's increase answers "is the word used at all"; `attribute_identification` answers "how
+well": the model as a classifier of the clip it denoises (Li et al. 2023, "Your Diffusion Model
+is Secretly a Zero-Shot Classifier"). Each clip is denoised under every value of an attribute,
+the other words kept; the value with the lowest error is the model's guess. Chance is one over
+the number of values (1/3 for shapes, 1/5 colors, 1/4 directions, 1/3 backgrounds).
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ from .adherence import ATTRIBUTES, attribute_values, parse_caption
 
 # denoise(z, logsnr, captions or None for the null text) -> x_hat
 CaptionDenoiser = Callable[[torch.Tensor, torch.Tensor, "list[str] | None"], torch.Tensor]
+
+
+def with_value(captions: Sequence[str], attribute: str, value: str) -> list[str]:
+    """Each caption with `attribute` set to `value`, its other words kept."""
+    return [make_caption(**{**parse_caption(text), attribute: value}) for text in captions]
 
 
 def changed_captions(captions: Sequence[str], attribute: str) -> list[str]:
@@ -66,6 +78,39 @@ def caption_reliance(denoise: CaptionDenoiser, latents: torch.Tensor, captions: 
     return rows
 
 
+@torch.no_grad()
+def attribute_identification(denoise: CaptionDenoiser, latents: torch.Tensor, captions: Sequence[str],
+                             logsnrs: Sequence[float], generator: torch.Generator | None = None) -> list[dict]:
+    """Per log-SNR: `accuracy`, per attribute the share of clips whose denoising error (the mean
+    squared error of x_hat, per clip) is lowest under the clip's own value of that attribute,
+    among all its values, with the other words of the caption kept. Every variant of a clip sees
+    the same noisy latent; a tie counts as a miss, so a model that ignores the text scores 0."""
+    captions = list(captions)
+    truth = [parse_caption(text) for text in captions]
+    rows = []
+    for level in logsnrs:
+        logsnr = torch.full((len(latents),), float(level), device=latents.device)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else None)
+        z = diffuse(latents, logsnr, noise.to(latents.device))
+        errors: dict[tuple[str, ...], torch.Tensor] = {}  # per caption list: [N]; the true one is shared
+
+        def error(texts: list[str]) -> torch.Tensor:
+            if tuple(texts) not in errors:
+                errors[tuple(texts)] = (denoise(z, logsnr, texts) - latents).square().flatten(1).mean(1).cpu()
+            return errors[tuple(texts)]
+
+        accuracy = {}
+        for attribute in ATTRIBUTES:
+            values = attribute_values(attribute)
+            per_value = torch.stack([error(with_value(captions, attribute, v)) for v in values])  # [V, N]
+            own = torch.tensor([values.index(t[attribute]) for t in truth])
+            best = per_value.min(0).values
+            unique = (per_value == best).sum(0) == 1
+            accuracy[attribute] = ((per_value.argmin(0) == own) & unique).float().mean().item()
+        rows.append({"logsnr": float(level), "accuracy": accuracy})
+    return rows
+
+
 def model_caption_denoiser(model: DiffusionModel) -> CaptionDenoiser:
     """A base model's denoiser with its text encoder in front; None is the null text."""
     if model.config.stage != "base":
@@ -92,6 +137,28 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_identification(rows: list[dict]) -> str:
+    lines = ["| log-SNR | " + " | ".join(ATTRIBUTES) + " |", "|" + "---:|" * (len(ATTRIBUTES) + 1)]
+    for row in rows:
+        lines.append(f"| {row['logsnr']:g} | " + " | ".join(f"{100 * row['accuracy'][a]:.0f}%" for a in ATTRIBUTES) + " |")
+    return "\n".join(lines)
+
+
+def probe_clips(cache_dir: str | Path, count: int) -> tuple[torch.Tensor, list[str]]:
+    """`count` clips spread evenly over a latent cache (its first shape) and their captions;
+    ValueError for a folder that is not a cache or captions outside the synthetic domain."""
+    cache = LatentDataset(cache_dir)
+    count = min(count, len(cache))
+    items = [cache[(i * len(cache) // count, cache.shapes[0], 0)] for i in range(count)]
+    captions = [item["caption"] for item in items]
+    try:
+        for text in captions:
+            parse_caption(text)
+    except ValueError as e:
+        raise ValueError(f"{cache_dir}: {e}; the probe needs captions of the synthetic domain") from None
+    return torch.stack([item["latent"] for item in items]), captions
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dit_video.eval.caption_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a base model folder (train.py's export)")
@@ -113,27 +180,21 @@ def main(argv: list[str] | None = None) -> None:
     model = DiffusionModel.from_pretrained(args.model, args.weights)
     try:
         denoise = model_caption_denoiser(model)
-        cache = LatentDataset(args.latents)
+        latents, captions = probe_clips(args.latents, args.clips)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    shape = cache.shapes[0]
-    picks = [i * len(cache) // min(args.clips, len(cache)) for i in range(min(args.clips, len(cache)))]
-    items = [cache[(i, shape, 0)] for i in picks]
-    try:
-        captions = [item["caption"] for item in items]
-        for text in captions:
-            parse_caption(text)
-    except ValueError as e:
-        raise UsageError(f"{args.latents}: {e}; the probe needs captions of the synthetic domain") from None
-    latents = torch.stack([item["latent"] for item in items])
     rows = caption_reliance(denoise, latents, captions, args.logsnr, torch.Generator().manual_seed(args.seed))
-    print(f"{args.model} on {len(items)} clips of {args.latents}: denoising MSE, and its increase with one "
+    identified = attribute_identification(denoise, latents, captions, args.logsnr,
+                                          torch.Generator().manual_seed(args.seed))
+    print(f"{args.model} on {len(captions)} clips of {args.latents}: denoising MSE, and its increase with one "
           f"attribute of the caption changed\n")
     print(format_table(rows))
+    print("\nShare of clips whose error is lowest under their own value of each attribute (chance: "
+          + ", ".join(f"{a} {1 / len(attribute_values(a)):.0%}" for a in ATTRIBUTES) + ")\n")
+    print(format_identification(identified))
     if args.json:
-        write_text_atomic(Path(args.json), json.dumps({"model": args.model, "clips": len(items), "rows": rows},
-                                                      indent=1) + "\n")
-
+        figures = {"model": args.model, "clips": len(captions), "rows": rows, "identification": identified}
+        write_text_atomic(Path(args.json), json.dumps(figures, indent=1) + "\n")
 
 if __name__ == "__main__":
     main()
