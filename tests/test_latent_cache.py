@@ -111,6 +111,33 @@ def test_latent_dataset_items(data):
     assert torch.equal(copy[4, SHAPES[0], 1]["latent"], dataset[4, SHAPES[0], 1]["latent"])
 
 
+def test_a_cache_for_super_resolution_holds_the_low_resolution_latents(data, tmp_path):
+    """Each item's `low` is the VAE's encoding of its clip made small as that stage's training
+    makes it (downsample_video), and the Loader batches it beside the latents."""
+    from dit_video.diffusion import downsample_video
+
+    shape, cascade = Shape(9, 32, 64), (1, 2)  # a TSR's: every other frame (the 8x VAE takes no smaller frames)
+    cache = cache_latents(data["manifest"], data["root"] / "vae", [shape], tmp_path / "cache", windows=WINDOWS,
+                          cascade=cascade, progress=False)
+    dataset = LatentDataset(cache)
+    assert dataset.cascade == {shape: cascade}
+    videos = MediaDataset(read_manifest(data["manifest"]), "video")
+    index = json.loads((cache / f"{shape.frames}x{shape.height}x{shape.width}" / "index.json").read_text())
+    for item in index["items"][:4]:
+        clip = videos[item["index"], shape, item["window"]]["video"]
+        with torch.no_grad():
+            low = data["vae"].encode(downsample_video(clip[None], *cascade))[0]
+        got = dataset[dataset.entries.index(next(e for e in dataset.entries if str(e.path) == item["path"])),
+                      shape, item["window"]]
+        assert got["low"].shape == tuple(index["cascade"]["latent_shape"]) == low.shape
+        torch.testing.assert_close(got["low"], low, rtol=0, atol=TOLERANCE)
+    loader = Loader(dataset, None, BucketSampler(len(dataset), 0, [BucketConfig(shape.frames, shape.height, shape.width, 2)], [], 0,
+                                           seed=1))
+    batch = next(iter(loader))
+    assert batch["low_latents"].shape == (2, *index["cascade"]["latent_shape"])
+    assert "low_latents" not in next(iter(loaders(data)[0]))  # a base stage's cache has none
+
+
 class Windows(MediaDataset):
     """The video dataset as the cache sees it: an item's seed picks one of WINDOWS windows."""
 
@@ -202,7 +229,9 @@ def run(args, capsys):
     ({"--shape": "9x32x36"}, "error: shape 9x32x36: height and width must be multiples of the VAE's spatial factor 8"),
     ({"--manifest": "missing.jsonl"}, "error: missing.jsonl: no such manifest"),
     ({"--vae": "missing"}, "error: missing: not a model directory"),
-    ({"--windows": "0"}, "error: need --windows, --stride and --batch-size >= 1"),
+    ({"--windows": "0"}, "error: need --windows, --stride, --batch-size and the cascade factors >= 1"),
+    ({"--cascade-temporal": "3"}, "error: shape 9x32x32: the cascade factors (spatial 1, temporal 3) must divide"),
+    ({"--cascade-spatial": "8"}, "error: the cascade factors make 9x32x32 into shape 9x4x4: height and width"),
     ({"--device": "gpu"}, "error: --device 'gpu': not a torch device"),
 ])
 def test_cli_errors_exit_2_and_write_nothing(data, tmp_path, capsys, change, error):

@@ -236,6 +236,31 @@ def test_training_from_a_latent_cache_matches_training_from_videos(setup, tmp_pa
         assert from_cache[step] == pytest.approx(from_videos[step], rel=1e-4)
 
 
+def test_a_super_resolution_stage_trains_from_a_latent_cache_as_from_videos(setup, tmp_path):
+    """A TSR's cache holds each clip's latent and that of its every other frame: the condition is
+    then upsampled and augmented from the cache with the same draws as from pixels."""
+    from dit_video.data import Shape
+    from dit_video.data.latent_cache import cache_latents
+
+    manifest = setup / "data/train/manifest.jsonl"
+    clean = manifest.with_name("clean.jsonl")
+    clean.write_text("".join(line + "\n" for line in manifest.read_text().splitlines() if "broken" not in line))
+    tsr = ["stage=tsr", "cascade={temporal: 2}", "data.buckets=[{frames: 17, height: 32, width: 32, batch_size: 2}]",
+           "train.steps=3"]
+    cache_latents(clean, setup / "vae", [Shape(17, 32, 32)], tmp_path / "base_cache", progress=False)
+    refused = run(setup, tmp_path / "refused", 1, *tsr, "data.videos=null", f"data.latents={tmp_path / 'base_cache'}",
+                  check=False)
+    assert refused.returncode == 2 and "17x32x32 holds no low-resolution latents" in refused.stderr
+    assert "--cascade-spatial 1 --cascade-temporal 2" in refused.stderr
+    cache_latents(clean, setup / "vae", [Shape(17, 32, 32)], tmp_path / "cache", cascade=(1, 2), progress=False)
+    run(setup, tmp_path / "videos", 1, *tsr, f"data.videos={clean}")
+    run(setup, tmp_path / "cached", 1, *tsr, "data.videos=null", f"data.latents={tmp_path / 'cache'}")
+    from_videos, from_cache = losses(tmp_path / "videos"), losses(tmp_path / "cached")
+    assert sorted(from_cache) == [1, 2, 3]
+    for step in from_videos:
+        assert from_cache[step] == pytest.approx(from_videos[step], rel=1e-4)
+
+
 def test_joint_image_video_batches(setup, tmp_path):
     out = tmp_path / "joint"
     result = run(setup, out, 1, f"data.images={setup / 'images/manifest.jsonl'}", "data.image_ratio=0.5",

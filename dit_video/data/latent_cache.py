@@ -10,6 +10,11 @@ and `index.json` (the VAE it was made with: directory, config, latent statistics
 its weights; the manifest and its hash; the pixel and latent shapes; per item the manifest
 index, window, caption, path, shard and key; and the files skipped, with their errors).
 
+For a super-resolution stage (`--cascade-spatial`, `--cascade-temporal`), each item also holds
+`<key>.low`: the latent of the same clip made small as that stage's training makes it
+(`downsample_video`, then encoded), so a TSR or SSR run trains from the cache too, with its
+condition upsampled and augmented per step exactly as from pixels.
+
 An item is one of `windows` clip windows of an entry, read by MediaDataset with item seeds
 0 .. windows - 1; `LatentDataset` picks window `item_seed % windows`, so the sampler's keys map
 to cached latents the way they map to pixels, with `windows` start frames per clip instead of
@@ -37,6 +42,7 @@ from vae import VAEConfig, VideoVAE
 from ..cli import UsageError, exits_cleanly
 from ..config import from_dict, read_yaml, to_dict
 from ..files import atomic_dir, sha256_file
+from ..diffusion.cascade import downsample_video
 from .dataset import Entry, MediaDataset, Shape, read_manifest
 from .video import VideoError
 
@@ -67,6 +73,16 @@ def check_shape(shape: Shape, vae: VideoVAE) -> None:
                          f"spatial factor {s}")
 
 
+def low_shape(shape: Shape, cascade: tuple[int, int]) -> Shape:
+    """The pixel shape of a clip downsampled by (spatial, temporal) factors, as downsample_video
+    makes it; ValueError if the factors do not divide it."""
+    spatial, temporal = cascade
+    if (shape.frames - 1) % temporal or shape.height % spatial or shape.width % spatial:
+        raise ValueError(f"shape {shape_name(shape)}: the cascade factors (spatial {spatial}, temporal {temporal}) "
+                         f"must divide the height, the width and the frames less one")
+    return Shape(1 + (shape.frames - 1) // temporal, shape.height // spatial, shape.width // spatial)
+
+
 def vae_identity(vae_dir: str | os.PathLike) -> dict:
     """What tells two VAE directories apart: the config, the latent statistics (which `encode`
     normalizes with) and the SHA-256 of the weights file, which also catches same-config VAEs
@@ -86,11 +102,13 @@ def vae_identity(vae_dir: str | os.PathLike) -> dict:
 def cache_latents(manifest: str | os.PathLike, vae_dir: str | os.PathLike, shapes: list[Shape],
                   out_dir: str | os.PathLike, *, fps: float | None = None, stride: int = 1, windows: int = 1,
                   shard_size: int = 256, device: str | torch.device = "cpu", batch_size: int = 4,
-                  progress: bool = True) -> Path:
+                  cascade: tuple[int, int] = (1, 1), progress: bool = True) -> Path:
     """Encode `windows` clip windows of every manifest entry at every pixel shape into
     `<out_dir>/<frames>x<height>x<width>/`; returns `out_dir`.
 
     fps, stride: how clips are read, as in MediaDataset (use the training run's values).
+    cascade: (spatial, temporal) factors of a super-resolution stage; other than (1, 1), each item
+    also holds the latent of its clip downsampled by them (`<key>.low`).
     Files that cannot be read at a shape (VideoError) are skipped, printed once each on stderr
     and listed in that shape's index.json. Each shape folder is written under a temporary name
     and renamed when complete, replacing an older one. Bad input (manifest, VAE directory, a
@@ -98,15 +116,23 @@ def cache_latents(manifest: str | os.PathLike, vae_dir: str | os.PathLike, shape
     """
     if windows < 1 or shard_size < 1 or batch_size < 1:
         raise ValueError(f"need windows, shard_size and batch_size >= 1, got {windows}, {shard_size}, {batch_size}")
+    if min(cascade) < 1:
+        raise ValueError(f"cascade factors must be >= 1, got {cascade}")
     entries = read_manifest(manifest)
     dataset = MediaDataset(entries, "video", fps=fps, stride=stride)
     vae = VideoVAE.from_pretrained(vae_dir).to(device).eval()
     shapes = list(dict.fromkeys(shapes))
     for shape in shapes:
         check_shape(shape, vae)
+        if cascade != (1, 1):
+            low = low_shape(shape, cascade)
+            try:
+                check_shape(low, vae)
+            except ValueError as e:
+                raise ValueError(f"the cascade factors make {shape_name(shape)} into {e}") from None
     common = {"vae": {"dir": str(vae_dir), **vae_identity(vae_dir)}, "manifest": str(manifest),
               "manifest_sha256": sha256_file(Path(manifest)), "fps": fps, "stride": stride, "windows": windows,
-              "dtype": "float32"}
+              "dtype": "float32", "cascade": None if cascade == (1, 1) else {"spatial": cascade[0], "temporal": cascade[1]}}
     reported: set[str] = set()  # files already printed as skipped, at any shape
     for shape in shapes:
         with atomic_dir(Path(out_dir) / shape_name(shape)) as folder:
@@ -121,11 +147,18 @@ def _cache_shape(dataset: MediaDataset, vae: VideoVAE, shape: Shape, folder: Pat
     device, windows = vae.latent_shift.device, common["windows"]
     items, skipped, shard, pending = [], {}, {}, []  # pending: (item, clip) waiting for a full batch
 
+    cascade = common["cascade"]
+
     def encode(batch: list[tuple[dict, torch.Tensor]]) -> None:
-        latents = vae.encode(torch.stack([clip for _, clip in batch]).to(device)).float().cpu()
-        for (item, _), latent in zip(batch, latents):
+        clips = torch.stack([clip for _, clip in batch]).to(device)
+        latents = vae.encode(clips).float().cpu()
+        low = None if cascade is None else \
+            vae.encode(downsample_video(clips, cascade["spatial"], cascade["temporal"])).float().cpu()
+        for i, ((item, _), latent) in enumerate(zip(batch, latents)):
             shard[item["key"]] = latent.clone()  # a view would share the batch's storage, which safetensors refuses
-            if len(shard) == shard_size:
+            if low is not None:
+                shard[item["key"] + ".low"] = low[i].clone()
+            if len(shard) == shard_size * (1 if low is None else 2):
                 (folder / item["shard"]).write_bytes(save(shard))  # not save_file: it makes files private (0600)
                 shard.clear()
 
@@ -154,6 +187,10 @@ def _cache_shape(dataset: MediaDataset, vae: VideoVAE, shape: Shape, folder: Pat
     latent_shape = vae.latent_shape((1, 3, shape.frames, shape.height, shape.width))[1:]
     index = {**common, "shape": [shape.frames, shape.height, shape.width], "latent_shape": list(latent_shape),
              "items": items, "skipped": skipped}
+    if cascade is not None:
+        low = low_shape(shape, (cascade["spatial"], cascade["temporal"]))
+        index["cascade"] = {**cascade, "latent_shape": list(vae.latent_shape((1, 3, low.frames, low.height,
+                                                                               low.width))[1:])}
     (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     if progress:
         tqdm.write(f"{shape_name(shape)}: {len(items) // windows} clips x {windows} windows, "
@@ -167,7 +204,8 @@ def _cache_shape(dataset: MediaDataset, vae: VideoVAE, shape: Shape, folder: Pat
 class LatentDataset(torch.utils.data.Dataset):
     """The latents of a cache folder (every `<frames>x<height>x<width>/` in it), indexed like
     MediaDataset by `(index, shape, item_seed)`: item `{"latent": [C, t, h, w] float32,
-    "caption": str, "index": int}`, the window `item_seed % windows`.
+    "caption": str, "index": int}`, the window `item_seed % windows`; from a cache made for a
+    super-resolution stage also `"low"`, the latent of the clip downsampled by `cascade[shape]`.
 
     Its entries are the manifest's entries that have latents at one shape at least, in manifest
     order. An entry that was skipped at the requested shape (say, too short for it) raises
@@ -201,6 +239,9 @@ class LatentDataset(torch.utils.data.Dataset):
         self.shapes = [Shape(*index["shape"]) for index in indexes]
         self._windows = {shape: index["windows"] for shape, index in zip(self.shapes, indexes)}
         self._skipped = {shape: index["skipped"] for shape, index in zip(self.shapes, indexes)}
+        # per shape: (spatial, temporal) of its low-resolution latents, None without them
+        self.cascade = {shape: (index["cascade"]["spatial"], index["cascade"]["temporal"])
+                        if index.get("cascade") else None for shape, index in zip(self.shapes, indexes)}
         self._where = {(shape, position[item["index"]], item["window"]): (folder / item["shard"], item["key"])
                        for shape, folder, index in zip(self.shapes, folders, indexes) for item in index["items"]}
         self._shards: dict[Path, object] = {}  # shard path -> open safe_open handle, per process
@@ -220,8 +261,11 @@ class LatentDataset(torch.utils.data.Dataset):
         shard, name = where
         if shard not in self._shards:
             self._shards[shard] = safe_open(shard, "pt")
-        return {"latent": self._shards[shard].get_tensor(name), "caption": self.entries[index].caption,
+        item = {"latent": self._shards[shard].get_tensor(name), "caption": self.entries[index].caption,
                 "index": index}
+        if self.cascade[shape] is not None:
+            item["low"] = self._shards[shard].get_tensor(name + ".low")
+        return item
 
     def __getstate__(self) -> dict:
         """Open shards stay behind: a copy in another process opens its own."""
@@ -257,6 +301,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--windows", type=int, default=1, help="clip windows per file (default: %(default)s)")
     parser.add_argument("--fps", type=float, help="sample clips at this rate, as data.fps (default: use --stride)")
     parser.add_argument("--stride", type=int, default=1, help="frame stride, as data.stride (default: %(default)s)")
+    parser.add_argument("--cascade-spatial", type=int, default=1, metavar="N",
+                        help="also cache each clip made N times smaller, for an SSR stage (default: %(default)s)")
+    parser.add_argument("--cascade-temporal", type=int, default=1, metavar="N",
+                        help="also cache each clip at every N-th frame, for a TSR stage (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="clips per VAE call (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: %(default)s)")
     return parser
@@ -269,8 +317,9 @@ def main(argv: list[str] | None = None) -> None:
         shapes = [parse_shape(text) for text in args.shape]
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.windows < 1 or args.stride < 1 or args.batch_size < 1 or (args.fps is not None and not args.fps > 0):
-        raise UsageError("need --windows, --stride and --batch-size >= 1 and --fps > 0")
+    if min(args.windows, args.stride, args.batch_size, args.cascade_spatial, args.cascade_temporal) < 1 \
+            or (args.fps is not None and not args.fps > 0):
+        raise UsageError("need --windows, --stride, --batch-size and the cascade factors >= 1, and --fps > 0")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
@@ -282,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"--device {args.device}: no such CUDA device here")
     try:
         cache_latents(args.manifest, args.vae, shapes, out, fps=args.fps, stride=args.stride, windows=args.windows,
-                      device=device, batch_size=args.batch_size)
+                      device=device, batch_size=args.batch_size, cascade=(args.cascade_spatial, args.cascade_temporal))
     except ValueError as e:  # the manifest, the VAE or a shape: checked before anything is read or written
         raise UsageError(str(e)) from None
     except OSError as e:

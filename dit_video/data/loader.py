@@ -42,7 +42,8 @@ class Loader:
 
     videos, images: the datasets, or None for a kind without data (as in the sampler). With a
         LatentDataset for the videos, video batches hold `"latents": [B, C, t, h, w]` in place
-        of "video", and every video bucket must be one of its cached shapes.
+        of "video" (and, from a cache made for a super-resolution stage, `"low_latents"`), and
+        every video bucket must be one of its cached shapes.
     num_workers: DataLoader processes that decode (0: this process); the stream is the same for any.
     """
 
@@ -121,6 +122,8 @@ class _Reader(torch.utils.data.Dataset):
             items.append(item)
         if "latent" in items[0]:  # from a LatentDataset: the VAE has already run
             data = {"latents": torch.stack([item["latent"] for item in items])}
+            if "low" in items[0]:  # and a super-resolution stage's low-resolution clip
+                data["low_latents"] = torch.stack([item["low"] for item in items])
         else:
             data = {"video": torch.stack([item["video"] for item in items])}
         return {**data, "captions": [item["caption"] for item in items],

@@ -68,8 +68,6 @@ class DiffusionTrainConfig:
     preview: PreviewConfig = field(default_factory=PreviewConfig)
 
     def __post_init__(self):
-        if self.data.latents and self.stage != "base":
-            raise ValueError("data.latents: the cascade stages need pixels (to downsample), not cached latents")
         if self.preview.every and self.stage != "base":
             raise ValueError("preview: sample videos are written by the base stage only (a super-resolution "
                              "stage needs a low-resolution input)")

@@ -24,7 +24,7 @@ from vae.losses import PatchDiscriminator3D
 
 from ..cli import UsageError, check_output_dir
 from ..config import ConfigError, from_dict, read_yaml, save_config
-from ..data import BucketConfig, BucketSampler, Loader, MediaDataset, read_manifest
+from ..data import BucketConfig, BucketSampler, Loader, MediaDataset, Shape, read_manifest
 from ..data.latent_cache import LatentDataset
 from ..diffusion import (CascadeConfig, augment_condition, classifier_free_guidance, diffuse, distillation_levels,
                          distillation_target, downsample_video, sample_augmentation_logsnr, upsample_latent)
@@ -100,12 +100,15 @@ def check_buckets(cfg: DiffusionTrainConfig, vae: VideoVAE | VAEConfig, patch: t
                                   f"1 + {f}*k, height and width multiples of {s} x patch x spatial factor")
 
 
-def make_loader(cfg: TrainRun, rank: int, world: int) -> Loader:
+def make_loader(cfg: TrainRun, rank: int, world: int, cascade: CascadeConfig | None = None) -> Loader:
+    """The run's data; `cascade`, a super-resolution stage's factors, which a latent cache must
+    have been made with (its low-resolution latents are that stage's condition)."""
     data = cfg.data
     try:
         if data.latents:
             videos = LatentDataset(data.latents)
             videos.check_vae(cfg.vae)  # only the diffusion stages take latents
+            check_cascade_cache(videos, data.buckets, cascade)
         else:
             videos = MediaDataset(read_manifest(data.videos), "video", fps=data.fps, stride=data.stride) \
                 if data.videos else None
@@ -115,6 +118,21 @@ def make_loader(cfg: TrainRun, rank: int, world: int) -> Loader:
     except ValueError as e:  # a bad manifest or bucket set: the user's input
         raise UsageError(f"data: {e}") from None
     return Loader(videos, images, sampler, num_workers=data.num_workers)
+
+
+def check_cascade_cache(cache: LatentDataset, buckets: list[BucketConfig], cascade: CascadeConfig | None) -> None:
+    """ValueError unless every bucket's cached shape holds the low-resolution latents of
+    `cascade`'s factors (a base stage's cache needs none)."""
+    if cascade is None:
+        return
+    want = (cascade.spatial, cascade.temporal)
+    for b in buckets:
+        made = cache.cascade.get(Shape(b.frames, b.height, b.width), want)  # an uncached shape: the Loader says so
+        if made != want:
+            found = "no low-resolution latents" if made is None else f"those of spatial {made[0]}, temporal {made[1]}"
+            raise ValueError(f"{cache.root}: {b.frames}x{b.height}x{b.width} holds {found}; this stage needs those of "
+                             f"spatial {want[0]}, temporal {want[1]}: cache it with --cascade-spatial {want[0]} "
+                             f"--cascade-temporal {want[1]}")
 
 
 class DiffusionStage:
@@ -136,7 +154,7 @@ class DiffusionStage:
         trained_text = text_encoder if cfg.text.encoder == "bytes" else None
         self.frozen_text = None if trained_text is not None else text_encoder.to(device)
         self.model = DiffusionObjective(backbone, cfg.diffusion, trained_text)
-        self.loader = make_loader(cfg, rank, world)
+        self.loader = make_loader(cfg, rank, world, cfg.cascade)
         # rank 0's own copy for sample videos, made before ZeRO-3 shards the original
         self.preview = copy.deepcopy(self.model) if rank == 0 and cfg.preview.every else None
         # after the copy: sample videos come now and then, at other shapes
@@ -154,8 +172,8 @@ class DiffusionStage:
         if self.cfg.text.caption_dropout > 0:
             inputs["dropped"] = drop_captions(batch["captions"], self.cfg.text.caption_dropout, self.generator)
         if self.cfg.cascade is not None:
-            inputs["cond"], inputs["cond_logsnr"] = cascade_condition(self.vae, video, latents, self.cfg.cascade,
-                                                                      self.generator)
+            inputs["cond"], inputs["cond_logsnr"] = cascade_condition(self.vae, batch, video, latents,
+                                                                      self.cfg.cascade, self.generator)
         return inputs
 
     def after_step(self, step: int, ema: EMA, out: Path) -> str | None:
@@ -190,14 +208,18 @@ def compile_backbone(backbone: nn.Module) -> int:
         raise ConfigError(f"train.{e}") from None
 
 
-def cascade_condition(vae: VideoVAE, video: torch.Tensor, latents: torch.Tensor, cascade: CascadeConfig,
-                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A super-resolution stage's input for a batch: the video downsampled, encoded, upsampled to
-    the latents' shape and noised at an augmentation level drawn per sample: (cond, its level)."""
-    temporal = cascade.temporal if video.shape[2] > 1 else 1  # images have no time to subsample
-    low = vae.encode(downsample_video(video, spatial=cascade.spatial, temporal=temporal))
+def cascade_condition(vae: VideoVAE, batch: dict, video: torch.Tensor | None, latents: torch.Tensor,
+                      cascade: CascadeConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A super-resolution stage's input for a batch: the video downsampled and encoded (or its
+    latent from the cache), upsampled to the latents' shape and noised at an augmentation level
+    drawn per sample: (cond, its level)."""
+    if "low_latents" in batch:
+        low = batch["low_latents"].to(latents.device)
+    else:
+        temporal = cascade.temporal if video.shape[2] > 1 else 1  # images have no time to subsample
+        low = vae.encode(downsample_video(video, spatial=cascade.spatial, temporal=temporal))
     cond = upsample_latent(low, *latents.shape[2:])
-    level = sample_augmentation_logsnr(len(video), *cascade.aug_logsnr, generator=generator, device=video.device)
+    level = sample_augmentation_logsnr(len(latents), *cascade.aug_logsnr, generator=generator, device=latents.device)
     return augment_condition(cond, level, generator=generator), level
 
 
@@ -220,8 +242,6 @@ def distill_teacher_config(cfg: DistillTrainConfig) -> DiffusionModelConfig:
     if bool(teacher.backbone.get("guidance_input", False)) and cfg.guidance.weights is None:
         raise ConfigError(f"guidance: the teacher {folder} takes a guidance weight (guidance was distilled into "
                           "it): set guidance.weights")
-    if cfg.data.latents and teacher.stage != "base":
-        raise ConfigError(f"data.latents: a {teacher.stage} teacher needs pixels (to downsample), not cached latents")
     vae_file = Path(cfg.vae) / "config.yaml"
     if not vae_file.is_file():
         raise ConfigError(f"vae: {cfg.vae}: not a VAE model folder (no config.yaml)")
@@ -276,7 +296,7 @@ class DistillStage:
         trains_text = teacher.text.encoder == "bytes"  # else a frozen T5, shared with the teacher
         text = copy.deepcopy(self.teacher.text_encoder).train().requires_grad_(True) if trains_text else None
         self.model = DistillObjective(backbone, teacher.diffusion.prediction, text)
-        self.loader = make_loader(cfg, rank, world)
+        self.loader = make_loader(cfg, rank, world, teacher.cascade)
 
     def teacher_denoiser(self, w: torch.Tensor | None, **conditioning) -> Denoiser:
         """The teacher as the denoiser whose two steps the student learns: guided with the weights
@@ -302,7 +322,7 @@ class DistillStage:
         if dropped is not None:
             conditioning["text_mask"] = conditioning["text_mask"] & ~dropped.to(device)[:, None]
         if teacher.cascade is not None:
-            conditioning["cond"], conditioning["cond_logsnr"] = cascade_condition(self.vae, video, latents,
+            conditioning["cond"], conditioning["cond_logsnr"] = cascade_condition(self.vae, batch, video, latents,
                                                                                   teacher.cascade, generator)
         w = None
         if cfg.guidance.weights is not None:
