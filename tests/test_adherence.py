@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from dit_video.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption, render_clip
 from dit_video.data.video import read_video, write_video
+from dit_video.eval.stats import proportion_interval
 from dit_video.eval.adherence import (ATTRIBUTES, adherence, adherence_table, detect, detect_batch, format_markdown,
                                       parse_caption, temporal_consistency, write_adherence_table)
 
@@ -135,13 +136,13 @@ def test_temporal_consistency_of_a_clip_and_of_broken_ones():
     c = real.consistency
     assert c == temporal_consistency(real)
     assert c.presence == 1.0 and c.shape_agreement == 1.0 and c.color_drift < 1e-6
-    assert c.area_cv < 0.02 and c.path_rmse_px < 0.1 and c.score > 0.85
+    assert c.area_cv < 0.02 and c.path_rmse_px < 0.1 and c.on_path == 1.0 and c.score > 0.85
     assert real.shape_iou[:, SHAPES.index("square")].min() > 0.97  # the template is the shape itself
     assert real.velocity[0] == pytest.approx(0, abs=1e-3) and real.velocity[1] > 0.5
 
     shuffled = detect(clip("square")[:, torch.randperm(17, generator=torch.Generator().manual_seed(0))])
     s = shuffled.consistency
-    assert s.path_rmse_px > 50 * c.path_rmse_px and s.path_rmse > 0.05 and s.score < 0.1
+    assert s.path_rmse_px > 50 * c.path_rmse_px and s.path_rmse > 0.05 and s.score < 0.1 and s.on_path < 0.5
     assert (s.presence, s.shape_agreement, s.area_cv) == (c.presence, c.shape_agreement, pytest.approx(c.area_cv))
 
     # the same path (same seed), but the square turns into a triangle after 8 frames
@@ -194,10 +195,14 @@ def test_the_table_holds_the_hand_computed_numbers(tmp_path):
     assert table["clips"] == 4 and table["no_object"] == 1 and table["accuracy"] == expected
     per = table["per_value"]
     assert list(per["color"]) == ["red", "green", "blue", "white"]  # palette order, values prompted only
-    assert per["color"]["blue"] == {"clips": 1, "accuracy": dict(shape=1.0, color=0.0, direction=1.0,
-                                                                  background=1.0, all=0.0)}
-    assert per["background"]["gray"] == {"clips": 2, "accuracy": dict(shape=0.5, color=0.5, direction=0.5,
-                                                                       background=1.0, all=0.5)}
+    assert per["color"]["blue"]["clips"] == 1 and per["color"]["blue"]["accuracy"] == dict(
+        shape=1.0, color=0.0, direction=1.0, background=1.0, all=0.0)
+    assert per["background"]["gray"]["clips"] == 2 and per["background"]["gray"]["accuracy"] == dict(
+        shape=0.5, color=0.5, direction=0.5, background=1.0, all=0.5)
+    # 95% Wilson intervals beside every accuracy: 3 of 4, 2 of 4, ...
+    assert table["interval"]["shape"] == pytest.approx(list(proportion_interval(3, 4)))
+    assert table["interval"]["all"] == pytest.approx(list(proportion_interval(2, 4)))
+    assert per["background"]["gray"]["interval"]["background"] == pytest.approx(list(proportion_interval(2, 2)))
     assert per["shape"]["triangle"]["accuracy"]["shape"] == 0.5 and per["direction"]["up"]["clips"] == 1
     assert [r["all"] for r in table["results"]] == [True, False, False, True]
     assert table["results"][1]["correct"]["color"] is False and table["results"][1]["detection"]["color"] == "red"
@@ -207,8 +212,9 @@ def test_the_table_holds_the_hand_computed_numbers(tmp_path):
 
     text = md.read_text()
     assert text == format_markdown(table)
-    assert "| all | 4 | 75.0% | 50.0% | 75.0% | 100.0% | 50.0% |" in text
-    assert "| background = gray | 2 | 50.0% | 50.0% | 50.0% | 100.0% | 50.0% |" in text
+    assert "| all | 4 | 75.0% (30-95) | 50.0% (15-85) | 75.0% (30-95) | 100.0% (51-100) | 50.0% (15-85) |" in text
+    assert "| background = gray | 2 | 50.0% (9-91) | 50.0% (9-91) | 50.0% (9-91) | 100.0% (34-100) | 50.0% (9-91) |" \
+        in text
     assert "no object found in 1" in text
     with pytest.raises(ValueError, match="3 detections but 4 targets"):
         adherence(detections[:3], targets)

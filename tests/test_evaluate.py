@@ -44,10 +44,21 @@ def test_the_report_holds_adherence_extension_and_vae_figures(folder, tmp_path, 
     assert table["accuracy"] == report["adherence"]["accuracy"]
     assert table["clips"] == 6 and len(table["results"]) == 6  # one judged row per (prompt, seed)
     assert (report["extension"] is not None) == extension
+    # the renderer's own clips for the same prompts and seeds, judged the same way
+    assert report["rendered"]["clips"] == 6 and report["rendered"]["accuracy"]["color"] == 1.0
+    assert report["rendered"]["consistency"]["on_path"] == 1.0
     if extension:
-        assert set(report["extension"]) == {"guided", "replacement", "cut"}
-        assert all(fig["prompts"] == 2 for fig in report["extension"].values())
-        assert all(fig["boundary_jump_mean"] > 0 for fig in report["extension"].values())
+        ext = report["extension"]
+        assert set(ext) == {"guided", "replacement", "cut", "guided_minus_replacement"}
+        methods = [ext[m] for m in ("guided", "replacement", "cut")]
+        assert all(fig["prompts"] == 2 and len(fig["boundary_jumps"]) == 2 for fig in methods)
+        for fig in methods:
+            lo, hi = fig["boundary_jump_interval"]
+            assert fig["boundary_jump_mean"] == pytest.approx(sum(fig["boundary_jumps"]) / 2) and lo <= hi
+            assert min(fig["boundary_jumps"]) <= lo and hi <= max(fig["boundary_jumps"])  # a bootstrap of 2 values
+        assert ext["guided_minus_replacement"]["boundary_jump_mean"] == pytest.approx(
+            ext["guided"]["boundary_jump_mean"] - ext["replacement"]["boundary_jump_mean"], abs=1e-6)
+        assert "Guided minus replacement, prompt by prompt:" in (out / "report.md").read_text()
     assert len(report["vae"]) == 4 and all(row["psnr"] > 0 for row in report["vae"])
     assert (out / "report.md").read_text().startswith("# Evaluation of")
     assert (out / "samples.png").stat().st_size > 0

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 
 from ..data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, shape_mask
 from ..files import write_text_atomic
+from .stats import proportion_interval
 
 __all__ = ["ATTRIBUTES", "Consistency", "Detection", "adherence", "adherence_table", "detect", "detect_batch",
            "format_markdown", "parse_caption", "temporal_consistency", "write_adherence_table"]
@@ -81,6 +82,7 @@ NOISY = 0.075             # background noise (std, [0, 1] units) above which fra
 STILL = 0.02              # displacement (fraction of the shorter side) below which nothing moves
 # Tolerances of Consistency.score: the level of each measure at which its factor is 1/e.
 AREA_TOL, COLOR_TOL, PATH_TOL = 0.1, 0.1, 0.02
+ON_PATH = 0.03            # a frame is on the path when its centroid is this close to the line (of the shorter side)
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Consistency:
         constant-velocity line x = a + b t, y = c + d t: a curved path, a change of speed and
         frames out of order all raise it. About 0.07 pixels for a rendered clip.
     path_rmse: path_rmse_px divided by the frame's shorter side.
+    on_path: fraction of the frames with an object whose centroid lies within ON_PATH (3%) of
+        the shorter side from that line (2 pixels at 64x64): 1 for a rendered clip.
     score: one summary in [0, 1]: presence * shape_agreement * exp(-area_cv / 0.1)
         * exp(-color_drift / 0.1) * exp(-path_rmse / 0.02) (each tolerance the level at which
         its factor is 1/e). A rendered clip scores about 0.95 at 64x64 (0.85 at least) and 0.9
@@ -114,6 +118,7 @@ class Consistency:
     color_drift: float
     path_rmse_px: float
     path_rmse: float
+    on_path: float
     score: float
 
     def to_dict(self) -> dict[str, float]:
@@ -251,7 +256,7 @@ def temporal_consistency(detection: Detection) -> Consistency:
     present = detection.present
     if not present.any():
         nan = float("nan")
-        return Consistency(0.0, 0.0, nan, nan, nan, nan, 0.0)
+        return Consistency(0.0, 0.0, nan, nan, nan, nan, 0.0, 0.0)
     presence = present.float().mean().item()
     best = detection.shape_iou[present].argmax(dim=1)
     shape = detection.shape if detection.shape is not None else SHAPES[int(best.mode().values)]
@@ -260,15 +265,18 @@ def temporal_consistency(detection: Detection) -> Consistency:
     area_cv = (area.std(correction=0) / area.mean()).item()
     colors = detection.fg_color[present]
     color_drift = (colors - colors.mean(0)).norm(dim=1).square().mean().sqrt().item()
+    side = min(detection.frame_size)
     if int(present.sum()) >= 2:
         _, residual = _line_fit(detection.centroid, present)
-        path_px = residual.norm(dim=1).square().mean().sqrt().item()
+        distance = residual.norm(dim=1)
+        path_px = distance.square().mean().sqrt().item()
+        on_path = (distance <= ON_PATH * side).float().mean().item()
     else:
-        path_px = 0.0
-    path = path_px / min(detection.frame_size)
+        path_px, on_path = 0.0, 1.0
+    path = path_px / side
     score = presence * agreement * math.exp(-area_cv / AREA_TOL - color_drift / COLOR_TOL - path / PATH_TOL)
     return Consistency(presence=presence, shape_agreement=agreement, area_cv=area_cv, color_drift=color_drift,
-                       path_rmse_px=path_px, path_rmse=path, score=score)
+                       path_rmse_px=path_px, path_rmse=path, on_path=on_path, score=score)
 
 
 # ------------------------------------------------------------------------------------- adherence
@@ -326,6 +334,16 @@ def _accuracy(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
+def _intervals(rows: list[dict[str, Any]], confidence: float = 0.95) -> dict[str, list[float] | None]:
+    """Per attribute (and "all"): the Wilson interval [lo, hi] of the accuracy `_accuracy` gives."""
+    out: dict[str, list[float] | None] = {}
+    for name in ATTRIBUTES:
+        hits = [r["correct"][name] for r in rows if name in r["correct"]]
+        out[name] = list(proportion_interval(sum(hits), len(hits), confidence)) if hits else None
+    out["all"] = list(proportion_interval(sum(r["all"] for r in rows), len(rows), confidence)) if rows else None
+    return out
+
+
 def adherence(detections: Sequence[Detection], targets: Sequence[str | Mapping[str, Any]]) -> dict[str, float | None]:
     """Per-attribute accuracy of `detections` against `targets` (captions, or dicts with some
     of ATTRIBUTES such as manifest lines): {"shape": ..., "color": ..., "direction": ...,
@@ -343,10 +361,11 @@ def adherence_table(detections: Sequence[Detection], targets: Sequence[str | Map
     """Everything `write_adherence_table` writes, as a JSON-ready dict:
 
     clips: how many; no_object: how many had no object found;
-    accuracy: `adherence` over all clips;
-    per_value: {attribute: {value: {"clips": n, "accuracy": {...}}}} -- the same accuracies over
-        the clips whose target has that value (so per_value["color"]["red"]["accuracy"]["color"]
-        is how often a red object is read as red, and ...["shape"] how often its shape is right);
+    accuracy: `adherence` over all clips; interval: the 95% Wilson interval [lo, hi] of each;
+    per_value: {attribute: {value: {"clips": n, "accuracy": {...}, "interval": {...}}}} -- the
+        same over the clips whose target has that value (so per_value["color"]["red"]["accuracy"]
+        ["color"] is how often a red object is read as red, and ...["shape"] how often its shape
+        is right);
     consistency: the mean of each Consistency figure over the clips with an object (None if none);
     results: one row a clip: its target, what was detected, which attributes are right, and
         the detection's summary (Detection.to_dict).
@@ -361,7 +380,8 @@ def adherence_table(detections: Sequence[Detection], targets: Sequence[str | Map
         per_value[name] = {}
         for value in order:
             subset = [r for r in rows if r["target"].get(name) == value]
-            per_value[name][value] = {"clips": len(subset), "accuracy": _accuracy(subset)}
+            per_value[name][value] = {"clips": len(subset), "accuracy": _accuracy(subset),
+                                      "interval": _intervals(subset)}
     measured = [d.consistency for d in detections if d.consistency is not None]
     names = list(Consistency.__dataclass_fields__)
     consistency = {n: (_finite_or_none(sum(getattr(c, n) for c in measured) / len(measured)) if measured else None)
@@ -370,7 +390,7 @@ def adherence_table(detections: Sequence[Detection], targets: Sequence[str | Map
     for r in results:
         del r["detected"]  # in r["detection"] too
     return {"clips": len(rows), "no_object": sum(not d.found for d in detections), "accuracy": _accuracy(rows),
-            "per_value": per_value, "consistency": consistency, "results": results}
+            "interval": _intervals(rows), "per_value": per_value, "consistency": consistency, "results": results}
 
 
 def format_markdown(table: Mapping[str, Any], title: str = "Prompt adherence") -> str:
@@ -378,25 +398,29 @@ def format_markdown(table: Mapping[str, Any], title: str = "Prompt adherence") -
     the mean temporal-consistency figures."""
     columns = [n for n in ATTRIBUTES if table["accuracy"][n] is not None] + ["all"]
 
-    def cells(acc: Mapping[str, float | None]) -> str:
-        return " | ".join("-" if acc[c] is None else f"{100 * acc[c]:.1f}%" for c in columns)
+    def cells(entry: Mapping[str, Any]) -> str:
+        acc, interval = entry["accuracy"], entry.get("interval") or {}
+        return " | ".join("-" if acc[c] is None else f"{100 * acc[c]:.1f}%" + (
+            f" ({100 * interval[c][0]:.0f}-{100 * interval[c][1]:.0f})" if interval.get(c) else "") for c in columns)
 
     lines = [f"# {title}", "",
              (f"{table['clips']} clips, judged from their pixels (dit_video.eval.adherence); "
               f"no object found in {table['no_object']}. Each row gives the accuracy of every attribute "
-              f"over the clips whose prompt names that value."), "",
+              f"over the clips whose prompt names that value, with its 95% confidence interval (Wilson) in "
+              f"brackets."), "",
              "| prompt | clips | " + " | ".join(columns) + " |",
              "|---|---:|" + "---:|" * len(columns),
-             f"| all | {table['clips']} | {cells(table['accuracy'])} |"]
+             f"| all | {table['clips']} | {cells(table)} |"]
     for name, values in table["per_value"].items():
         for value, entry in values.items():
-            lines.append(f"| {name} = {value} | {entry['clips']} | {cells(entry['accuracy'])} |")
+            lines.append(f"| {name} = {value} | {entry['clips']} | {cells(entry)} |")
     meaning = {"presence": "fraction of frames with the object",
                "shape_agreement": "fraction of those frames showing the clip's shape",
                "area_cv": "coefficient of variation of the object's area",
                "color_drift": "RMS change of the object's color (RGB in [0, 1])",
                "path_rmse_px": "RMS distance of the centroid from a constant-velocity line (pixels)",
                "path_rmse": "the same, as a fraction of the frame's shorter side",
+               "on_path": "fraction of frames within 3% of the shorter side of that line",
                "score": "summary in [0, 1] (see Consistency)"}
     lines += ["", "Temporal consistency, mean over the clips with an object:", "",
               "| measure | mean | meaning |", "|---|---:|---|"]

