@@ -7,11 +7,12 @@ from dit_video.models.flops import count_flops, count_parameters
 
 
 @pytest.mark.parametrize("name", ["dit", "dit3d"])
-@pytest.mark.parametrize("text_dim, cond_channels, text_attention", [(0, 0, "cross"), (16, 4, "cross"),
-                                                                     (16, 0, "joint")])
-def test_analytic_flops_match_the_measured_count(name, text_dim, cond_channels, text_attention):
+@pytest.mark.parametrize("text_dim, cond_channels, text_attention, text_pool", [
+    (0, 0, "cross", "mlp"), (16, 4, "cross", "mlp"), (16, 0, "joint", "mlp"), (16, 0, "cross", "linear")])
+def test_analytic_flops_match_the_measured_count(name, text_dim, cond_channels, text_attention, text_pool):
     model = DiT(DiTConfig(name=name, size="tiny", text_dim=text_dim, cond_channels=cond_channels,
-                          attention_backend="math", temporal_positions="t5_bias", text_attention=text_attention))
+                          attention_backend="math", temporal_positions="t5_bias", text_attention=text_attention,
+                          text_pool=text_pool))
     shape = (2, 4, 5, 16, 12)
     kwargs = {}
     if text_dim:
@@ -33,11 +34,11 @@ def test_joint_attention_costs_more_as_frames_grow():
     assert count_parameters(fact) > count_parameters(joint)  # the extra temporal attention layers
 
 
-@pytest.mark.parametrize("temporal_conv", [False, True])
-def test_unet_flops_match_the_measured_count(temporal_conv):
+@pytest.mark.parametrize("temporal_conv, text_pool", [(False, "mlp"), (True, "mlp"), (False, "linear")])
+def test_unet_flops_match_the_measured_count(temporal_conv, text_pool):
     model = UNet3D(UNet3DConfig(in_channels=4, text_dim=8, cond_channels=4, channels=16, channel_mult=[1, 2, 2],
                                 blocks_per_level=2, attention_levels=[1, 2], head_dim=16, norm_groups=8,
-                                attention_backend="math", temporal_conv=temporal_conv))
+                                attention_backend="math", temporal_conv=temporal_conv, text_pool=text_pool))
     shape = (2, 4, 3, 16, 12)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

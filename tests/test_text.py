@@ -1,13 +1,14 @@
 import json
 import sys
+import zlib
 
 import pytest
 import torch
 from tiny_t5 import write_tiny_t5
 
 from dit_video.config import ConfigError, from_dict
-from dit_video.text import (BOS, EOS, PAD, ByteTextEncoder, T5TextEncoder, TextConfig, build_text_encoder,
-                            drop_captions)
+from dit_video.text import (BOS, EOS, PAD, ByteTextEncoder, T5TextEncoder, TextConfig, WordTextEncoder,
+                            build_text_encoder, drop_captions)
 
 CAPTIONS = ["a cat", "", "a dog runs in the park at night", "ünïcödé 🎬"]
 
@@ -56,6 +57,44 @@ def test_byte_encoder_trains():
     assert encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+def test_word_tokens_are_hashed_words():
+    encoder = WordTextEncoder(max_length=4, dim=16, vocab=1000)
+    ids, mask = encoder.tokenize(["A red circle, moving RIGHT!", "", "ünï-cödé words_here 42 and more"])
+    bucket = lambda word: zlib.crc32(word.encode()) % 1000  # noqa: E731
+    assert ids[0].tolist() == [bucket(w) for w in ("a", "red", "circle", "moving")]  # cut at max_length words
+    assert mask.tolist() == [[True] * 4, [False] * 4, [True] * 4]  # a caption without words: all padding
+    assert ids[1].tolist() == [1000] * 4  # the padding row
+    assert ids[2].tolist() == [bucket(w) for w in ("ünï", "cödé", "words", "here")]  # letters of any script
+    assert encoder.tokenize([""])[0].shape == (1, 1)  # one slot at least, for the null text
+
+
+def test_the_synthetic_words_get_buckets_of_their_own():
+    from dit_video.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
+
+    words = {w for name in [*SHAPES, *COLORS, *DIRECTIONS, *BACKGROUNDS, "a moving on background"]
+             for w in name.split()}
+    encoder = build_text_encoder(TextConfig(encoder="words", dim=32, depth=0))
+    assert len({encoder.word_ids(w)[0] for w in words}) == len(words)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_word_encoder_trains_and_is_independent_of_the_batch(depth):
+    encoder = build_text_encoder(TextConfig(encoder="words", dim=32, depth=depth, heads=4))
+    assert isinstance(encoder, WordTextEncoder) and encoder.trainable and len(encoder.blocks) == depth
+    encoder = encoder.double()
+    tokens, mask = encoder(CAPTIONS)
+    assert tokens.shape == (4, 8, 32) and mask.sum(1).tolist() == [2, 0, 8, 1]  # the emoji is no word
+    for i, caption in enumerate(CAPTIONS):
+        alone, alone_mask = encoder([caption])
+        n = int(alone_mask.sum())
+        torch.testing.assert_close(tokens[i, :n], alone[0, :n], rtol=0, atol=1e-12)
+    # unit-scale word embeddings: distinct words are far apart from the first step
+    a, b = encoder(["moving right", "moving left"])[0][:, 1]
+    assert (a - b).norm() > 0.5 * a.norm()
+    (tokens * mask[..., None]).square().mean().backward()
+    assert encoder.embed.weight.grad[encoder.word_ids("dog")[0]].abs().sum() > 0
+
+
 def test_drop_captions_rate_and_reproducibility():
     captions = ["x"] * 20_000
     dropped = drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
@@ -75,8 +114,12 @@ def test_config_errors():
         TextConfig(encoder="t5")
     with pytest.raises(ValueError, match="path applies to encoder 't5' only"):
         TextConfig(path="checkpoints/t5")
-    with pytest.raises(ValueError, match="dim, heads: settings of encoder 'bytes'"):
+    with pytest.raises(ValueError, match="dim, heads: settings of the trained encoders, not of 't5'"):
         TextConfig(encoder="t5", path="checkpoints/t5", dim=64, heads=8)
+    with pytest.raises(ValueError, match="vocab: a setting of encoder 'words'"):
+        TextConfig(vocab=100)
+    with pytest.raises(ValueError, match="the words encoder has no checkpoint"):
+        TextConfig(encoder="words", path="x")
     with pytest.raises(ValueError, match="must split into 3 heads"):
         TextConfig(dim=64, heads=3)
     with pytest.raises(ConfigError, match="^config: caption_dropout: expected a number >= 0 and <= 1, got 1.5$"):

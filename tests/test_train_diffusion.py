@@ -218,6 +218,21 @@ def test_a_frozen_t5_feeds_the_backbone(setup, tmp_path):
     assert weights["backbone.conditioning.text_proj.weight"].shape[1] == 32  # T5's d_model
 
 
+def test_the_word_encoder_trains_with_the_model_and_is_stored_in_its_folder(setup, tmp_path):
+    from dit_video.models.pretrained import DiffusionModel
+
+    out = tmp_path / "run"
+    run(setup, out, 1, "text={encoder: words, dim: 16, depth: 0, max_length: 16}", "train.steps=3",
+        "backbone={name: dit, size: tiny, text_pool: linear}")
+    assert sorted(losses(out)) == [1, 2, 3]
+    weights = load_file(out / "model/model.safetensors")
+    assert weights["text_encoder.embed.weight"].shape == (8193, 16)  # trained with the backbone, so stored
+    assert "backbone.conditioning.text_pool.weight" in weights  # one linear map, not an MLP's fc1 and fc2
+    assert weights["backbone.conditioning.text_proj.weight"].shape[1] == 16
+    model = DiffusionModel.from_pretrained(out / "model", weights="model")
+    torch.testing.assert_close(model.text_encoder.embed.weight, weights["text_encoder.embed.weight"])
+
+
 def test_training_from_a_latent_cache_matches_training_from_videos(setup, tmp_path):
     from dit_video.data import Shape
     from dit_video.data.latent_cache import cache_latents

@@ -4,6 +4,11 @@ adaLN or scale-shift), and the projected text tokens with their mask (for cross-
 learned null text stands in when no text is given, and for a sample whose text mask is all False
 (a caption dropped for classifier-free guidance).
 
+The pooled text joins the vector through an MLP (`text_pool: mlp`) or one linear map (`linear`).
+The linear map keeps the vector a sum of its words' parts, which the adaLN layers read apart at
+once; through the MLP, words that must act together with position ("moving right": on the left
+at the start) were not learned in the tiny pipeline's budget (its README has the comparison).
+
 The guidance embedding's last layer starts at zero: a student given the input and loaded with the
 weights of a teacher without it computes exactly the teacher's function until it is trained."""
 
@@ -18,14 +23,15 @@ from .embeddings import fourier_features
 
 class Conditioning(nn.Module):
     def __init__(self, freq_dim: int, width: int, cond: bool, text_dim: int, context_dim: int,
-                 guidance: bool = False):
+                 guidance: bool = False, text_pool: str = "mlp"):
         super().__init__()
         self.freq_dim, self.text_dim = freq_dim, text_dim
         self.noise = Mlp(freq_dim, width, width, act_layer=nn.SiLU)
         self.cond_noise = Mlp(freq_dim, width, width, act_layer=nn.SiLU) if cond else None
         if text_dim:
             self.text_proj = nn.Linear(text_dim, context_dim)
-            self.text_pool = Mlp(context_dim, width, width, act_layer=nn.SiLU)
+            self.text_pool = Mlp(context_dim, width, width, act_layer=nn.SiLU) if text_pool == "mlp" \
+                else nn.Linear(context_dim, width)
             self.null_text = nn.Parameter(torch.randn(1, text_dim) * 0.02)  # for classifier-free guidance
         # made last, so the other layers draw the same initial weights with or without it
         self.guidance = Mlp(freq_dim, width, width, act_layer=nn.SiLU) if guidance else None

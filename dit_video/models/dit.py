@@ -53,6 +53,7 @@ class DiTConfig:
     cond_channels: int = param(0, ge=0)  # cascade stages: channels of the upsampled low-res latent
     text_dim: int = param(0, ge=0)  # 0: no text conditioning
     text_attention: Literal["cross", "joint"] = "cross"  # joint: text keys in the self-attention (above)
+    text_pool: Literal["mlp", "linear"] = "mlp"  # how pooled text joins the adaLN vector (models.conditioning)
     patch: tuple[int, int, int] = (1, 2, 2)  # (time, height, width)
     mlp_ratio: float = param(4.0, gt=0)
     spatial_positions: Literal["sincos", "rope"] = "sincos"
@@ -222,7 +223,8 @@ class DiT(nn.Module):
         self.in_channels, self.cond_channels, self.text_dim = cfg.in_channels, cfg.cond_channels, cfg.text_dim
         self.out_channels = cfg.out_channels or cfg.in_channels
         self.patch_embed = nn.Conv3d(cfg.in_channels + cfg.cond_channels, w, cfg.patch, stride=cfg.patch)
-        self.conditioning = Conditioning(w, w, cfg.cond_channels > 0, cfg.text_dim, w, cfg.guidance_input)
+        self.conditioning = Conditioning(w, w, cfg.cond_channels > 0, cfg.text_dim, w, cfg.guidance_input,
+                                         cfg.text_pool)
         self.temporal_bias = RelativePositionBias(cfg.heads) if cfg.temporal_positions == "t5_bias" else None
         block = FactorizedBlock if cfg.name == "dit" else JointBlock
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.depth))

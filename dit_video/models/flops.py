@@ -49,7 +49,7 @@ def _dit_flops(model: DiT, shape, text_len: int) -> float:
         flops += 2 * linear(b, width, width)
     text_len = max(text_len, 1) if cfg.text_dim else 0  # no text: the one-token null embedding
     if cfg.text_dim:
-        flops += linear(b * text_len, cfg.text_dim, width) + 2 * linear(b, width, width)
+        flops += linear(b * text_len, cfg.text_dim, width) + (2 if cfg.text_pool == "mlp" else 1) * linear(b, width, width)
     per_block = linear(b * tokens, width, hidden) + linear(b * tokens, hidden, width)  # MLP
     if cfg.name == "dit":
         per_block += linear(b, width, 9 * width)
@@ -110,7 +110,8 @@ def _unet_flops(model: UNet3D, shape, text_len: int) -> float:
     if cond.cond_noise is not None:
         flops += linear(cond.cond_noise.fc1, b) + linear(cond.cond_noise.fc2, b)
     if cfg.text_dim:
-        flops += linear(cond.text_proj, b * text_len) + linear(cond.text_pool.fc1, b) + linear(cond.text_pool.fc2, b)
+        flops += linear(cond.text_proj, b * text_len) + sum(linear(m, b) for m in cond.text_pool.modules()
+                                                             if isinstance(m, nn.Linear))
         flops += sum(linear(layer, b * text_len) for layer in model.text_to_level.values())
     flops += conv(model.conv_in, t * h * w) + conv(model.conv_out, t * h * w)
     hh, ww = h, w

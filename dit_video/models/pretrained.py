@@ -61,7 +61,7 @@ class DiffusionModel(nn.Module):
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The weights a model folder stores: the backbone's and a trained text encoder's."""
-        keep = ("backbone.", "text_encoder.") if self.config.text.encoder == "bytes" else ("backbone.",)
+        keep = ("backbone.", "text_encoder.") if self.text_encoder.trainable else ("backbone.",)
         return {k: v for k, v in self.state_dict().items() if k.startswith(keep)}
 
     def save_pretrained(self, directory: str | os.PathLike, ema_state: dict[str, torch.Tensor] | None = None) -> Path:

@@ -34,6 +34,7 @@ class UNet3DConfig:
     out_channels: int | None = param(None, ge=1)  # default: in_channels
     cond_channels: int = param(0, ge=0)
     text_dim: int = param(0, ge=0)
+    text_pool: Literal["mlp", "linear"] = "mlp"  # how pooled text joins the embedding (models.conditioning)
     channels: int = param(128, ge=8)  # width of the first level
     channel_mult: list[int] = param(default_factory=lambda: [1, 2, 4], ge=1)
     blocks_per_level: int = param(2, ge=1)
@@ -159,7 +160,7 @@ class UNet3D(nn.Module):
         chans = cfg.level_channels
         # text is projected to the deepest width, then to each attention level's (text_to_level)
         self.conditioning = Conditioning(cfg.channels, width, cfg.cond_channels > 0, cfg.text_dim, chans[-1],
-                                         cfg.guidance_input)
+                                         cfg.guidance_input, cfg.text_pool)
         self.conv_in = nn.Conv3d(cfg.in_channels + cfg.cond_channels, chans[0], (1, 3, 3), padding=(0, 1, 1))
         # only the levels that attend to text get a projection: an unused one would never train
         self.text_levels = sorted(set(cfg.attention_levels) | {len(chans) - 1})

@@ -151,7 +151,7 @@ class DiffusionStage:
         self.backbone_config = backbone_config(cfg, self.vae, text_encoder.dim)
         backbone = build_backbone({**self.backbone_config, "gradient_checkpointing": cfg.train.gradient_checkpointing})
         check_buckets(cfg, self.vae, tuple(getattr(backbone.config, "patch", (1, 1, 1))))
-        trained_text = text_encoder if cfg.text.encoder == "bytes" else None
+        trained_text = text_encoder if text_encoder.trainable else None
         self.frozen_text = None if trained_text is not None else text_encoder.to(device)
         self.model = DiffusionObjective(backbone, cfg.diffusion, trained_text)
         self.loader = make_loader(cfg, rank, world, cfg.cascade)
@@ -293,7 +293,7 @@ class DistillStage:
         self.compiled_blocks = 0
         if cfg.train.compile:  # the teacher too: its two (guided: four) forwards per step cost more than the student's
             self.compiled_blocks = compile_backbone(backbone) + compile_backbone(self.teacher.backbone)
-        trains_text = teacher.text.encoder == "bytes"  # else a frozen T5, shared with the teacher
+        trains_text = self.teacher.text_encoder.trainable  # else a frozen T5, shared with the teacher
         text = copy.deepcopy(self.teacher.text_encoder).train().requires_grad_(True) if trains_text else None
         self.model = DistillObjective(backbone, teacher.diffusion.prediction, text)
         self.loader = make_loader(cfg, rank, world, teacher.cascade)
