@@ -21,7 +21,7 @@ from dit_video.data.latent_cache import Shape, cache_latents
 from dit_video.data.synthetic import generate
 from dit_video.data.video import read_video
 from dit_video.eval.ab import (ABConfig, arm_configs, arm_pipeline, check_unchanged, describe_backbone, main,
-                               write_grid_video)
+                               separation, write_grid_video)
 from dit_video.models.pretrained import DiffusionModel, DiffusionModelConfig
 from dit_video.models.registry import WIDTH_KEYS, backbone_parameters, match_parameters
 from dit_video.pipeline import Pipeline
@@ -207,6 +207,9 @@ def test_an_experiment_reports_and_resumes(pipeline_dir, tmp_path, monkeypatch, 
         assert a["train"]["peak_memory_mib"] > 100 and a["train"]["train_tflops"] > 0
         assert a["eval"]["adherence"]["clips"] == 4 and [r["logsnr"] for r in a["eval"]["denoising"]] == [0.0, 2.0]
         assert all(r["mse"]["true"] > 0 for r in a["eval"]["denoising"])
+        # the probe's learning curve: every checkpoint the arm kept, each attribute a share
+        assert list(a["eval"]["curve"]) == ["2", "4"]
+        assert all(0 <= v <= 1 for point in a["eval"]["curve"].values() for v in point.values())
     # the same prompts and seeds: two arms, two different models, two different grids
     grids = {name: read_video(out / f"samples/{name}.mp4") for name in arms}
     assert grids["dit"].shape == grids["unet"].shape == (3, 9, 16, 2 * 16 + 2)
@@ -215,6 +218,9 @@ def test_an_experiment_reports_and_resumes(pipeline_dir, tmp_path, monkeypatch, 
     assert "| dit | dit (width 64" in markdown and "| unet | unet3d (channels" in markdown
     assert "![training loss](loss.png)" in markdown and (out / "loss.png").stat().st_size > 10_000
     assert (out / "samples.png").stat().st_size > 10_000
+    lo, hi = arms["dit"]["eval"]["adherence"]["interval"]["direction"]
+    assert f"({100 * lo:.0f}-{100 * hi:.0f})" in markdown and "Direction: the intervals" in markdown
+    assert "| dit | direction | " in markdown and (out / "curve.png").stat().st_size > 10_000
 
     # an interruption of the second arm after step 2: the same command resumes it there
     dit_checkpoint = tmp_path / "report/runs/dit/checkpoints/step_00000004"
@@ -279,3 +285,10 @@ def test_arms_train_under_torchrun_stop_on_sigterm_and_resume(pipeline_dir, tmp_
     assert "200 steps of batch 4 (9x16x16; 2 processes)" in (out / "report.md").read_text()
     for arm in report["arms"].values():
         assert arm["train"]["steps"][-1] == 200 and arm["train"]["samples_per_s"] > 0
+
+
+def test_separation_names_the_pairs_whose_intervals_do_not_overlap():
+    assert separation({"a": [0.8, 0.95], "b": [0.2, 0.4], "c": [0.3, 0.85]}) == \
+        "the intervals separate for a above b; the other pairs overlap"
+    assert separation({"a": [0.1, 0.3], "b": [0.5, 0.7]}) == "the intervals separate for a below b"
+    assert "overlap: this evaluation does not tell them apart" in separation({"a": [0.1, 0.6], "b": [0.5, 0.7]})

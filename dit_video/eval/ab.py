@@ -13,12 +13,17 @@ EMA model is then evaluated the same way:
   of the stage of its kind (`eval.cascade: false`: the arm's base stage alone), judged by the
   detector of the synthetic domain (dit_video.eval.adherence);
 - with a latent cache of captioned clips (`eval.latents`), the denoising error at fixed noise
-  levels and fixed noise, and how much each caption attribute lowers it (the caption probe).
+  levels and fixed noise, how much each caption attribute lowers it (the caption probe), and the
+  probe's attribute identification on every checkpoint the arm kept: a learning curve, so that
+  the report shows which design learns motion first, not only where each ended.
+
+Adherence figures carry 95% intervals, and the report says which arms' direction intervals
+separate (a difference the number of prompts and seeds resolves) and which overlap.
 
 The report folder (`out_dir`) gets `report.md` (the summary), `report.json`, `loss.png` (training
-loss against steps and time, and the denoising error against the noise level), `samples.png` (the
-same prompts, one row per arm) and `samples/<arm>.mp4` (a grid of the arm's sample videos), and
-`arms/<arm>.yaml`, the training config each arm ran with. Interrupted (Ctrl-C, SIGTERM, a crash),
+loss against steps and time, and the denoising error against the noise level), `curve.png` (the
+learning curves), `samples.png` (the same prompts, one row per arm) and `samples/<arm>.mp4` (a
+grid of the arm's sample videos), and `arms/<arm>.yaml`, the training config each arm ran with. Interrupted (Ctrl-C, SIGTERM, a crash),
 the same command resumes: finished arms and evaluations are kept, an unfinished run resumes from
 its last checkpoint. Changing what an arm trains with is refused; use a new `out_dir`.
 
@@ -58,6 +63,8 @@ from ..training.config import DiffusionTrainConfig
 from .adherence import ATTRIBUTES, adherence_table
 from .caption_probe import caption_reliance, model_caption_denoiser, probe_clips
 from .evaluate import all_prompts, extension_figures, generate_all, spread
+from .learning_curve import curve as probe_curve
+from .learning_curve import plot as plot_curves
 
 ROOT = Path(__file__).resolve().parents[2]  # where train.py is
 GRID_FILE = "ab_grid.pt"  # an arm's grid videos, in its run folder: samples.png is drawn from them
@@ -84,6 +91,9 @@ class ABEvalConfig:
     latents: str | None = None  # a latent cache for the denoising error and the caption probe
     probe_clips: int = param(64, ge=1)
     probe_logsnr: list[float] = field(default_factory=lambda: [-4.0, -2.0, 0.0, 2.0])
+    # the learning curve's probe (every checkpoint an arm kept): low SNR, where layout and motion
+    # are decided and the caption is all a model has to go on
+    curve_logsnr: list[float] = field(default_factory=lambda: [-6.0, -4.0, -2.0])
     device: str = "auto"  # auto: cuda when there is one
 
 
@@ -443,8 +453,23 @@ def report_markdown(report: dict) -> str:
               "| arm | " + " | ".join(ATTRIBUTES) + " | consistency |", "| --- |" + " ---: |" * (len(ATTRIBUTES) + 1)]
     for name, a in arms.items():
         table = a["eval"]["adherence"]
-        acc = " | ".join(_num(table["accuracy"][at] and 100 * table["accuracy"][at], ".1f", "%") for at in ATTRIBUTES)
+        acc = " | ".join(_percent(table["accuracy"][at], table["interval"][at]) for at in ATTRIBUTES)
         lines.append(f"| {name} | {acc} | {_num(table['consistency']['score'], '.3f')} |")
+    lines += ["", "In brackets: the 95% (Wilson) interval over the videos. Direction: "
+              + separation({name: a["eval"]["adherence"]["interval"]["direction"] for name, a in arms.items()}) + "."]
+    if all("curve" in a["eval"] for a in arms.values()):
+        steps = sorted({int(s) for a in arms.values() for s in a["eval"]["curve"]})
+        lines += ["", "## Learning curves", "",
+                  f"The caption probe on every checkpoint each arm kept (log-SNR {report['eval']['curve_logsnr']}): the "
+                  "share of held-out clips whose denoising error is lowest under their own direction (chance 25%) "
+                  "and shape (chance 33%). Which design learns motion faster shows here first.", "",
+                  "| arm | attribute | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "| --- | --- |" + " ---: |" * len(steps)]
+        for name, a in arms.items():
+            for attribute in ("direction", "shape"):
+                cells = [a["eval"]["curve"].get(str(s), {}).get(attribute) for s in steps]
+                lines.append(f"| {name} | {attribute} | " + " | ".join(_num(c and 100 * c, '.0f', '%') for c in cells) + " |")
+        lines += ["", "![learning curves](curve.png)"]
     if all("extension" in a["eval"] for a in arms.values()):
         first_ext = next(iter(arms.values()))["eval"]["extension"]
         lines += ["", f"## Extension (one more chunk for each of {next(iter(first_ext.values()))['prompts']} prompts)", "",
@@ -458,6 +483,23 @@ def report_markdown(report: dict) -> str:
               "![samples](samples.png)", "",
               "Videos: " + ", ".join(f"[{name}](samples/{name}.mp4)" for name in arms) + ".", ""]
     return "\n".join(lines)
+
+
+def _percent(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" + (f" ({100 * interval[0]:.0f}-{100 * interval[1]:.0f})" if interval else "")
+
+
+def separation(intervals: dict[str, list[float] | None]) -> str:
+    """Which arms' intervals do not overlap: a difference the evaluation resolves."""
+    names = [n for n, i in intervals.items() if i]
+    apart = [f"{a} {'above' if intervals[a][0] > intervals[b][1] else 'below'} {b}" for i, a in enumerate(names)
+             for b in names[i + 1:] if intervals[a][0] > intervals[b][1] or intervals[b][0] > intervals[a][1]]
+    if not apart:
+        return "the intervals of all arms overlap: this evaluation does not tell them apart"
+    return "the intervals separate for " + ", ".join(apart) + "; the other pairs overlap" * (
+        len(apart) < len(names) * (len(names) - 1) // 2)
 
 
 def _num(value: float | None, spec: str, unit: str = "") -> str:
@@ -503,6 +545,11 @@ def run(cfg: ABConfig, command: str) -> Path:
     plot_losses(out / "loss.png", {n: r for n, r in report["arms"].items()})
     grids = {name: torch.load(Path(configs[name].out_dir) / GRID_FILE) for name in configs}
     plot_samples(out / "samples.png", grids, next(iter(results.values()))["eval"]["grid_prompts"])
+    if all("curve" in r["eval"] for r in results.values()):
+        plot_curves({name: {"points": {step: {"identification": ident} for step, ident in r["eval"]["curve"].items()}}
+                     for name, r in results.items()},
+                    {name: list(zip(r["train"]["steps"], r["train"]["loss"])) for name, r in results.items()},
+                    out / "curve.png")
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.md", report_markdown(report))
     return out / "report.md"
@@ -519,6 +566,8 @@ def cached_evaluation(name: str, arm_cfg: DiffusionTrainConfig, run_dir: Path, r
             return {"train": saved["train"], "eval": saved["eval"]}
     model = DiffusionModel.from_pretrained(run_dir / "model", "ema", reference.device)
     figures, videos = evaluate_arm(model, reference, cfg)
+    if cfg.latents and model.config.stage == "base":
+        figures["curve"] = learning_curve(run_dir, cfg)
     train = training_figures(run_dir, arm_cfg, model)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     write_grid_video(out / "samples" / f"{name}.mp4", videos, reference.config.fps)
@@ -526,6 +575,16 @@ def cached_evaluation(name: str, arm_cfg: DiffusionTrainConfig, run_dir: Path, r
         torch.save(videos.to(torch.float16).cpu(), tmp)
     write_text_atomic(cache, json.dumps({"key": key, "train": train, "eval": figures}) + "\n")
     return {"train": train, "eval": figures}
+
+
+def learning_curve(run_dir: Path, cfg: ABEvalConfig) -> dict[str, dict[str, float]]:
+    """{step: {attribute: identified share}}: the caption probe on every checkpoint the arm kept
+    (learning_curve.curve, cached in the run folder)."""
+    latents, captions = probe_clips(cfg.latents, cfg.probe_clips)
+    settings = {"latents": str(cfg.latents), "clips": cfg.probe_clips, "logsnr": cfg.curve_logsnr, "prompts": 0,
+                "steps": 25, "guidance": 2.0, "seed": 0}
+    points = probe_curve(run_dir, settings, latents, captions)["points"]
+    return {step: points[step]["identification"] for step in sorted(points, key=int)}
 
 
 def shared_settings(cfg: DiffusionTrainConfig, processes: int) -> dict:
