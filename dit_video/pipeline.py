@@ -3,7 +3,7 @@
     text -> base -> TSR (more frames) -> SSR (larger frames) -> VAE decode -> pixels
 
 A pipeline folder holds `pipeline.yaml` (a `PipelineConfig`) and the model folders it names,
-e.g. checkpoints/tiny/{vae,base,tsr,ssr}. Every stage samples in the latent space of the one
+e.g. checkpoints/tiny/{vae,base,tsr}. Every stage samples in the latent space of the one
 VAE: a super-resolution stage sees the previous stage's latent, brought to its own shape
 (`upsample_latent`) and noised at a fixed conditioning-augmentation level, as in training.
 Each stage's conditioning is a denoiser wrapper (classifier-free guidance, reconstruction

@@ -33,7 +33,7 @@ def test_sampling_times_each_stage_on_the_pipelines_own_path():
     pipe.set_size(9, 32, 32)  # half the frames and side: a quarter of the VAE decode's time
     sampler = SamplerConfig(steps=2)
     result = sampling.measure(pipe, [sampling.PROMPT], sampler, repeats=1, progress=False)
-    assert [s["stage"] for s in result["stages"]] == ["base", "tsr", "ssr"]
+    assert [s["stage"] for s in result["stages"]] == ["base", "tsr"]
     for s in result["stages"]:
         assert s["steps"] == 2 and s["evaluations"] >= 2 and s["seconds"] > 0 and s["text_s"] > 0
         assert s["per_step_s"] == pytest.approx(s["seconds"] / 2)

@@ -134,7 +134,7 @@ def test_the_tiny_cascade_recipe_is_a_valid_pipeline_config():
     from dit_video.pipeline import PipelineConfig
 
     cfg = from_dict(PipelineConfig, read_yaml(ROOT / "configs/cascade/tiny/pipeline.yaml"))
-    assert [s.model for s in cfg.stages] == ["base", "tsr", "ssr"] and (cfg.frames, cfg.height) == (17, 64)
+    assert [s.model for s in cfg.stages] == ["base", "tsr"] and (cfg.frames, cfg.height) == (17, 64)
 
 
 def test_missing_and_damaged_folders_are_one_line_errors(folder, tmp_path):
