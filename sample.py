@@ -190,18 +190,24 @@ def main(argv: list[str] | None = None) -> None:
                                  sampler, guidance)
         total = args.extend + 1
     looks = [[] for _ in prompts] if args.gif or args.sheet else None
-    with contextlib.ExitStack() as files:  # every file appears complete at the end, or not at all
-        writers = [files.enter_context(VideoWriter(p["mp4"], fps)) for p in paths]
-        for chunk in tqdm(chunks, total=total, desc="chunks", disable=total == 1):
-            for i, writer in enumerate(writers):
-                writer.write(chunk[i])
-                if looks is not None:
-                    looks[i].append(chunk[i].cpu())
-    for i, files in enumerate(paths):
-        if "gif" in files:
-            write_gif(files["gif"], torch.cat(looks[i], dim=1), fps)
-        if "sheet" in files:
-            write_contact_sheet(files["sheet"], torch.cat(looks[i], dim=1))
+    try:
+        with contextlib.ExitStack() as files:  # every file appears complete at the end, or not at all
+            writers = [files.enter_context(VideoWriter(p["mp4"], fps)) for p in paths]
+            for chunk in tqdm(chunks, total=total, desc="chunks", disable=total == 1):
+                for i, writer in enumerate(writers):
+                    writer.write(chunk[i])
+                    if looks is not None:
+                        looks[i].append(chunk[i].cpu())
+        for i, files in enumerate(paths):
+            if "gif" in files:
+                write_gif(files["gif"], torch.cat(looks[i], dim=1), fps)
+            if "sheet" in files:
+                write_contact_sheet(files["sheet"], torch.cat(looks[i], dim=1))
+    except OSError:  # a disk that fills up half-way: no partial set of outputs either
+        for files in paths:
+            for path in files.values():
+                path.unlink(missing_ok=True)
+        raise
     effective = {"model": str(args.model), "prompts": prompts, "seed": args.seed, "frames": frames,
                  "size": [height, width], "fps": fps, "extend": args.extend, "interpolate": args.interpolate,
                  "method": args.method if (args.extend or args.interpolate) else None,

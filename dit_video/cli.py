@@ -7,6 +7,7 @@ import argparse
 import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -20,13 +21,15 @@ class UsageError(Exception):
 
 
 def exits_cleanly(main: Callable[[list[str] | None], T]) -> Callable[[list[str] | None], T]:
-    """Wrap an entry point so that UsageError and ConfigError print `error: ...` and exit 2."""
+    """Wrap an entry point so that UsageError and ConfigError print `error: ...` and exit 2, and
+    so does an OSError (a full disk, a folder that refuses files): the file system is the
+    user's to fix, and outputs are written atomically, so nothing half-written stays behind."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> T:
         try:
             return main(argv)
-        except (UsageError, ConfigError) as e:
+        except (UsageError, ConfigError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -66,8 +69,15 @@ def check_output_path(out: str | os.PathLike) -> None:
 
 
 def _check_writable(folder: Path, out: Path) -> None:
-    """`folder`, or the nearest ancestor that exists, must be a writable directory."""
+    """`folder`, or the nearest ancestor that exists, must be a directory that takes a new file.
+    Permission bits are not enough (root on a read-only mount, /proc), so a probe file is
+    created and removed."""
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{out}: cannot write there ({folder} is not a writable directory)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write there ({folder} refuses new files: {e.strerror})") from None

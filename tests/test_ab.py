@@ -145,6 +145,7 @@ def test_the_report_names_what_tells_two_arms_apart():
      "name: expected one of 'dit', 'dit3d', 'unet3d', got 'mamba'"),
     ({"eval": {"pipeline": "{root}/nowhere"}}, "not a pipeline folder"),
     ({"processes": 0}, "processes: expected an int >= 1, got 0"),
+    ({"out_dir": "/proc/report"}, "/proc/report: cannot write there"),
 ])
 def test_bad_input_is_one_line_and_exit_2(pipeline_dir, tmp_path, capsys, change, message):
     train = {"stage": "base", "out_dir": "unused", "vae": str(pipeline_dir / "vae"), "backbone": DIT,

@@ -64,8 +64,13 @@ def test_the_report_holds_adherence_extension_and_vae_figures(folder, tmp_path, 
     assert (out / "samples.png").stat().st_size > 0
 
 
-def test_bad_numbers_are_one_line_exit_2(folder, tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "must be >= 1"),
+    (["--out", "/proc/eval"], "/proc/eval: cannot write there"),  # found before sampling
+])
+def test_bad_input_is_one_line_exit_2(folder, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit:
-        evaluate.main(["--model", str(folder), "--out", str(tmp_path / "eval"), "--seeds", "0"])
-    assert exit.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+        evaluate.main(["--model", str(folder), "--out", str(tmp_path / "eval"), *argv])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "eval").exists()

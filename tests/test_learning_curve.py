@@ -109,6 +109,7 @@ def test_samples_of_the_base_are_judged(setup, tmp_path):
     (lambda s: [str(s["root"] / "clips"), "--latents", str(s["root"] / "cache")], "not a training run (no config.yaml)"),
     (lambda s: [str(s["run"]), "--latents", str(s["root"] / "clips")], "not a latent cache"),
     (lambda s: args(s, "--clips", "0"), "need --clips >= 1"),
+    (lambda s: args(s, "--out", "/proc/curve.png"), "/proc/curve.png: cannot write there"),
 ])
 def test_bad_input_is_one_line_and_exit_2(setup, capsys, argv, message):
     with pytest.raises(SystemExit) as exit:

@@ -181,6 +181,24 @@ def test_sample_py_writes_the_videos_their_looks_and_the_settings(folder, tmp_pa
     assert all(s["sampler"]["sampler"] == "pc" and s["guidance"]["weight_low"] == 1 for s in settings["stages"])
 
 
+def test_sample_py_a_disk_that_fails_while_writing_is_one_line_exit_2_and_leaves_nothing(folder, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import sample
+
+    def full_disk(path, *args):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(sample, "write_contact_sheet", full_disk)  # after the mp4s and gifs are complete
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--model", str(folder), "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "2",
+                     "--gif", "--sheet", "--out", "out/clip.mp4"])
+    err = capsys.readouterr().err
+    last = err.split("\r")[-1].strip().splitlines()  # after the progress bars
+    assert exit.value.code == 2 and last == ["error: [Errno 28] No space left on device: 'out/clip_0.png'"], err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_sample_py_size_rate_and_device_reach_the_file(folder, tmp_path, monkeypatch):
     import sample
 
@@ -213,6 +231,7 @@ def test_sample_py_size_rate_and_device_reach_the_file(folder, tmp_path, monkeyp
     (["--prompt", "a red circle", "--model", "nowhere"], "not a pipeline folder"),
     (["--prompt", "a red circle", "--out", "clip.avi"], "must end in .mp4"),
     (["--prompt", "a red circle", "--out", "a.png/clip.mp4"], "cannot write there"),
+    (["--prompt", "a red circle", "--out", "/proc/clip.mp4"], "cannot write there"),
     (["--prompt", "a red circle", "--steps", "0"], "--steps must be a finite number >= 1, got 0"),
     (["--prompt", "a red circle", "--frames", "0"], "--frames must be a finite number >= 1, got 0"),
     (["--prompt", "a red circle", "--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),

@@ -133,8 +133,10 @@ def test_an_unusable_out_dir_or_t5_folder_is_a_one_line_error(tmp_path, vae):
         preflight(config(f"out_dir={tmp_path / 'a_file'}"))
     with pytest.raises(UsageError, match="cannot write there .*a_file is not a writable directory"):
         preflight(config(f"out_dir={tmp_path / 'a_file' / 'run'}"))
+    with pytest.raises(UsageError, match="/proc/run: cannot write there"):
+        preflight(config("out_dir=/proc/run"))  # before any step is taken
     preflight(config(f"out_dir={tmp_path / 'new' / 'run'}"))  # made when the run starts
-    assert not (tmp_path / "new").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "a_file"]  # the writability probe left nothing
 
     vae.save_pretrained(tmp_path / "vae")
     cfg = config(f"out_dir={tmp_path / 'run'}", f"vae={tmp_path / 'vae'}", f"text={{encoder: t5, path: {tmp_path}}}")

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import UsageError, config_arguments, exits_cleanly
+from ..cli import UsageError, check_output_dir, config_arguments, exits_cleanly
 from ..config import ConfigError, config_differences, load_config, param, read_yaml, save_config, to_dict
 from ..data.looks import to_uint8
 from ..data.video import write_video
@@ -512,6 +512,7 @@ def _num(value: float | None, spec: str, unit: str = "") -> str:
 
 def run(cfg: ABConfig, command: str) -> Path:
     out = Path(cfg.out_dir)
+    check_output_dir(out)
     configs = arm_configs(cfg)
     arms_dir = out / "arms"
     for name, arm_cfg in configs.items():

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from vae import VideoVAE
 
-from ..cli import UsageError, exits_cleanly
+from ..cli import UsageError, check_output_path, exits_cleanly
 from ..config import ConfigError, load_config
 from ..diffusion import GuidanceConfig, SamplerConfig
 from ..files import atomic_path, write_text_atomic
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
         if not (run / "config.yaml").is_file():
             raise UsageError(f"{run}: not a training run (no config.yaml)")
+    out = Path(args.out) if args.out else runs[0] / "curve.png"
+    check_output_path(out)
     try:
         latents, captions = probe_clips(args.latents, args.clips)
     except ValueError as e:
@@ -208,7 +210,6 @@ def main(argv: list[str] | None = None) -> None:
         except (ConfigError, ValueError) as e:
             raise UsageError(f"{run}: {e}") from None
         loss_curves[str(run)] = losses(run)
-    out = Path(args.out) if args.out else runs[0] / "curve.png"
     plot(curves, loss_curves, out)
     for name, data in curves.items():
         print(f"{name}:")
