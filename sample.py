@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dit_video.cli import UsageError, check_output_path, exits_cleanly
+from dit_video.cli import UsageError, check_output_path, exits_cleanly, parse_device
 from dit_video.config import to_dict
 from dit_video.data import VideoError
 from dit_video.data.image import read_image
@@ -146,14 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.interpolate and args.method == "replacement":
         raise UsageError("--method replacement needs known latent frames: it conditions --extend only (a single "
                          "end frame has no latent of its own in a causal VAE)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device here")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device}: not a torch device") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: sampling runs on cpu or cuda")
+    device = parse_device(args.device)
 
     pipeline = Pipeline.from_pretrained(args.model, device)
     sampler, guidance = settings(args, pipeline)

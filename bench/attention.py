@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import DTYPES, check_device, cuda_kernel_shares, write_result  # noqa: E402
-from dit_video.cli import UsageError, exits_cleanly  # noqa: E402
+from bench.common import DTYPES, cuda_kernel_shares, write_result  # noqa: E402
+from dit_video.cli import UsageError, exits_cleanly, parse_device  # noqa: E402
 from dit_video.models import attention, resolve_backend, xformers_kernels  # noqa: E402
 from dit_video.system import machine_name  # noqa: E402
 
@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check(args) -> None:
-    check_device(args.device)
+    parse_device(args.device)
     if min(args.frames, args.patches, args.heads, args.head_dim, args.text_len, args.repeats) < 1:
         raise UsageError("--frames, --patches, --heads, --head-dim, --text-len and --repeats must be >= 1")
 

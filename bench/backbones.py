@@ -57,9 +57,9 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (DTYPES, check_device, cuda_kernel_shares, matmul_peak_flops, pyplot, run_worker,  # noqa: E402
+from bench.common import (DTYPES, cuda_kernel_shares, matmul_peak_flops, pyplot, run_worker,  # noqa: E402
                           save_figure, write_result)
-from dit_video.cli import UsageError, exits_cleanly  # noqa: E402
+from dit_video.cli import UsageError, exits_cleanly, parse_device  # noqa: E402
 from dit_video.models import (BACKENDS, DiT, DiTConfig, UNet3D, UNet3DConfig, compile_blocks,  # noqa: E402
                               resolve_backend)
 from dit_video.models.flops import count_parameters  # noqa: E402
@@ -330,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
 
 def check(args) -> None:
     """UsageError (one line) for arguments the sweep cannot run."""
-    check_device(args.device)
+    parse_device(args.device)
     if min(args.frames) < 1 or args.batch < 1 or args.repeats < 1:
         raise UsageError("--frames, --batch and --repeats must be >= 1")
     if args.size < 2 or args.size % 2:

@@ -13,22 +13,10 @@ from pathlib import Path
 
 import torch
 
-from dit_video.cli import UsageError
 from dit_video.files import atomic_path, write_text_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device}: the benchmarks run on cpu or cuda")
 
 
 def result_path(out: str | None, name: str, device: str) -> Path:

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import check_device, write_result  # noqa: E402
-from dit_video.cli import UsageError, exits_cleanly  # noqa: E402
+from bench.common import write_result  # noqa: E402
+from dit_video.cli import UsageError, exits_cleanly, parse_device  # noqa: E402
 from dit_video.diffusion import SamplerConfig  # noqa: E402
 from dit_video.pipeline import Pipeline  # noqa: E402
 from dit_video.system import machine_name  # noqa: E402
@@ -151,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check(args) -> None:
-    check_device(args.device)
+    parse_device(args.device)
     if args.batch < 1 or args.repeats < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--batch, --repeats and --steps must be >= 1")
     if not (Path(args.model) / "pipeline.yaml").is_file():

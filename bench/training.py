@@ -34,8 +34,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import DTYPES, check_device, matmul_peak_flops, write_result  # noqa: E402
-from dit_video.cli import UsageError, exits_cleanly  # noqa: E402
+from bench.common import DTYPES, matmul_peak_flops, write_result  # noqa: E402
+from dit_video.cli import UsageError, exits_cleanly, parse_device  # noqa: E402
 from dit_video.config import from_dict, read_yaml  # noqa: E402
 from dit_video.models import DiT, DiTConfig  # noqa: E402
 from dit_video.models.flops import count_flops, count_parameters  # noqa: E402
@@ -154,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check(args) -> None:
-    check_device(args.device)
+    parse_device(args.device)
     if args.steps < 2 * args.log_every:
         raise UsageError(f"--steps {args.steps}: give at least two log windows of --log-every {args.log_every}, "
                          "the first being the warm-up")

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import torch
+
 from .config import ConfigError, load_config
 
 T = TypeVar("T")
@@ -50,6 +52,20 @@ def config_arguments(argv: list[str] | None, prog: str, description: str) -> tup
 def parse_config_args(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
     """Parse `CONFIG.yaml [key=value ...]` into a validated `cls`."""
     return load_config(cls, *config_arguments(argv, prog, description))
+
+
+def parse_device(spec: str, what: str = "--device") -> torch.device:
+    """The torch device `spec` names (cpu, cuda, cuda:1), or a UsageError naming `what` when it is
+    not a device, not one this machine has, or not one the project runs on."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{what} {spec}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{what} {spec}: the project runs on cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"{what} {spec}: no such CUDA device here")
+    return device
 
 
 def check_output_dir(out: str | os.PathLike) -> None:

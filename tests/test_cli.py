@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dit_video.cli import UsageError, check_output_dir, check_output_path, exits_cleanly
+import torch
+
+from dit_video.cli import UsageError, check_output_dir, check_output_path, exits_cleanly, parse_device
 
 
 def test_a_writable_place_passes_and_the_probe_leaves_nothing(tmp_path):
@@ -35,3 +37,15 @@ def test_an_os_error_at_the_entry_point_is_one_line_and_exit_2(capsys):
     err = capsys.readouterr().err
     assert exit.value.code == 2
     assert err == "error: [Errno 28] No space left on device: 'out/clip.mp4'\n"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("gpu", "--device gpu: not a torch device (cpu, cuda, cuda:1, ...)"),
+    ("meta", "--device meta: the project runs on cpu or cuda"),
+    (f"cuda:{torch.cuda.device_count()}", f"--device cuda:{torch.cuda.device_count()}: no such CUDA device here"),
+])
+def test_one_device_check_for_every_entry_point(spec, message):
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError) as error:
+        parse_device(spec)
+    assert str(error.value) == message

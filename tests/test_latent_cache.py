@@ -232,7 +232,7 @@ def run(args, capsys):
     ({"--windows": "0"}, "error: need --windows, --stride, --batch-size and the cascade factors >= 1"),
     ({"--cascade-temporal": "3"}, "error: shape 9x32x32: the cascade factors (spatial 1, temporal 3) must divide"),
     ({"--cascade-spatial": "8"}, "error: the cascade factors make 9x32x32 into shape 9x4x4: height and width"),
-    ({"--device": "gpu"}, "error: --device 'gpu': not a torch device"),
+    ({"--device": "gpu"}, "error: --device gpu: not a torch device"),
 ])
 def test_cli_errors_exit_2_and_write_nothing(data, tmp_path, capsys, change, error):
     args = {"--manifest": str(data["manifest"]), "--vae": str(data["root"] / "vae"), "--shape": "9x32x32",

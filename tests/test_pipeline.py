@@ -240,7 +240,7 @@ def test_sample_py_size_rate_and_device_reach_the_file(folder, tmp_path, monkeyp
     (["--prompt", "a red circle", "--fps", "0"], "--fps must be a finite number > 0, got 0.0"),
     (["--prompt", "a red circle", "--size", "0x0"], "--size 0x0: height and width must be >= 1"),
     (["--prompt", "a red circle", "--seed", "99999999999999999999999"], "--seed must be in [0, 2^63 - 2^31)"),
-    (["--prompt", "a red circle", "--device", "meta"], "--device meta: sampling runs on cpu or cuda"),
+    (["--prompt", "a red circle", "--device", "meta"], "--device meta: the project runs on cpu or cuda"),
     (["--prompt", "a red circle", "--interpolate", "a.png"], "2 or more images"),
     (["--prompt", "a red circle", "--interpolate", "a.png", "b.png"], "a.png: not a readable image"),
     (["--prompt", "a red circle", "--extend", "1", "--method", "replacement", "--interpolate", "a.png", "b.png"],

