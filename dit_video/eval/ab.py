@@ -49,7 +49,7 @@ import torch
 
 from ..cli import UsageError, check_output_dir, config_arguments, exits_cleanly, parse_device
 from ..config import ConfigError, config_differences, load_config, param, read_yaml, save_config, to_dict
-from ..data.looks import to_uint8
+from ..data.looks import tile, to_uint8
 from ..data.video import write_video
 from ..diffusion import SamplerConfig
 from ..files import atomic_path, sha256_file, write_text_atomic
@@ -320,14 +320,7 @@ def evaluate_arm(model: DiffusionModel, reference: Pipeline, cfg: ABEvalConfig) 
 def write_grid_video(path: Path, videos: torch.Tensor, fps: float, columns: int = 3, gap: int = 2) -> None:
     """Videos [N, 3, T, H, W] tiled `columns` wide (fewer for fewer videos) into one mp4, white
     between tiles."""
-    n, _, t, h, w = videos.shape
-    columns = min(columns, n)
-    rows = -(-n // columns)
-    canvas = torch.ones(3, t, rows * (h + gap) - gap, columns * (w + gap) - gap)
-    for i, video in enumerate(videos.cpu().float()):
-        r, c = divmod(i, columns)
-        canvas[:, :, r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = video
-    write_video(path, canvas, fps)
+    write_video(path, tile(videos.cpu().float(), columns, gap, fill=1.0), fps)
 
 
 def plot_losses(path: Path, results: dict[str, dict]) -> None:

