@@ -14,7 +14,7 @@ def test_endpoints_are_the_truncation_range():
 
 
 def test_alpha_is_the_cosine_of_the_stretched_time():
-    # sigmoid(-2 log tan u) = cos^2 u, so alpha(t) = cos(a t + b) with a, b from MATH.md.
+    # sigmoid(-2 log tan u) = cos^2 u, so alpha(t) = cos(a t + b) with a, b from docs/math.md.
     s = CosineSchedule()
     b = math.atan(math.exp(-20 / 2))
     a = math.atan(math.exp(20 / 2)) - b

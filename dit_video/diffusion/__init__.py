@@ -1,7 +1,7 @@
 """The diffusion math, as plain functions over tensors (no nn.Module).
 
 Noise levels are log-SNR `[B]` tensors everywhere; a denoiser is any callable
-`D(z, logsnr) -> x_hat`. Formulas: MATH.md of the design notes, each one tested.
+`D(z, logsnr) -> x_hat`. Formulas: docs/math.md, each with its source and its test.
 """
 
 from .analytic import GaussianMixture

@@ -1,4 +1,4 @@
-"""Guidance: wrappers that take a denoiser and return a denoiser (DESIGN.md interface 2).
+"""Guidance: wrappers that take a denoiser and return a denoiser (docs/math.md, "Guidance").
 
 Weights follow the papers: x_tilde = (1 + w) x_hat(z, c) - w x_hat(z, null), so w = 0 is the
 plain conditional model; diffusers' `guidance_scale` s is 1 + w. The combination is linear,

@@ -1,4 +1,4 @@
-"""Noise levels, the forward process and the eps / x / v parameterizations (MATH.md).
+"""Noise levels, the forward process and the eps / x / v parameterizations (docs/math.md).
 
 Every function takes log-SNR as a `[B]` tensor (or a 0-d tensor, one level for the whole
 batch) and broadcasts it over the other dimensions of `z`, so the same code serves videos
