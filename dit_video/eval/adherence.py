@@ -42,14 +42,8 @@ How `detect` reads a video (colors in [0, 1] RGB, the units of synthetic.COLORS)
    downward, so "up" is negative dy). A displacement under 2% of the frame's shorter side
    reads as standing still: direction None.
 
-Measured (tests/test_adherence.py and its notes): every attribute of all 180 combinations right
-at 32x32 and 64x64, 9 and 17 frames, clean, with Gaussian noise of std 0.1 (on [-1, 1] pixels),
-a 3x3 box blur, or both; on 60 drawn combinations, also with noise of std 0.2 to 0.4, and
-through H.264 mp4 (crf 18 to 30). Past that the shape goes first, on small objects: at 32x32
-(objects 7 to 11 pixels across) a 3x3 blur with noise 0.1 through a crf-23 mp4 leaves 95% of
-the shapes right, a 5x5 box blur 85%, a Gaussian blur of std 1.5 pixels 97%, of std 2 pixels
-60% (squares and triangles read as circles); at 64x64 all of these stay at 100%. Colors,
-directions and backgrounds stay at 100% throughout.
+How far the judge can be trusted (blur, noise, H.264) is measured in tests/test_adherence.py;
+the figures are in the README's evaluation section.
 """
 
 from __future__ import annotations
