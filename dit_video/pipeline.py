@@ -284,7 +284,7 @@ class Pipeline:
         frames of the one before; yields the new frames [B, 3, t, H, W] of each chunk, so a
         caller can write them as they come (memory stays that of one chunk)."""
         if chunks < 0:
-            raise ValueError(f"--extend needs a number of chunks >= 0, got {chunks}")
+            raise ValueError(f"chunks must be >= 0, got {chunks}")
         overlap = self.context_frames() if chunks else 0
         generator = torch.Generator(self.device).manual_seed(seed)
         video = self.generate(prompts, seed, sampler, guidance, generator=generator, progress=progress)

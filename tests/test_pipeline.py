@@ -261,3 +261,8 @@ def test_sample_py_bad_input_is_one_line_exit_2_and_writes_nothing(folder, tmp_p
     err = capsys.readouterr().err
     assert exit.value.code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_library_errors_name_the_argument_not_a_command_line_flag(pipe):
+    with pytest.raises(ValueError, match=r"^chunks must be >= 0, got -1$"):
+        next(pipe.extend(["a red circle"], -1))
