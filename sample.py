@@ -130,6 +130,15 @@ def output_paths(out: Path, count: int, gif: bool, sheet: bool) -> list[dict[str
     return paths
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """What tells a file replaced by this run from the one that was there (None: no file)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> None:
     args = arguments(sys.argv[1:] if argv is None else argv)
@@ -183,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                                  sampler, guidance)
         total = args.extend + 1
     looks = [[] for _ in prompts] if args.gif or args.sheet else None
+    outputs = [path for files in paths for path in files.values()]
+    before = {path: _stamp(path) for path in outputs}
     try:
         with contextlib.ExitStack() as files:  # every file appears complete at the end, or not at all
             writers = [files.enter_context(VideoWriter(p["mp4"], fps)) for p in paths]
@@ -196,10 +207,10 @@ def main(argv: list[str] | None = None) -> None:
                 write_gif(files["gif"], torch.cat(looks[i], dim=1), fps)
             if "sheet" in files:
                 write_contact_sheet(files["sheet"], torch.cat(looks[i], dim=1))
-    except OSError:  # a disk that fills up half-way: no partial set of outputs either
-        for files in paths:
-            for path in files.values():
-                path.unlink(missing_ok=True)
+    except OSError:  # a disk that fills up half-way: no partial set of this run's outputs either
+        for path in outputs:
+            if _stamp(path) not in (None, before[path]):  # written by this run; older files stay
+                path.unlink()
         raise
     effective = {"model": str(args.model), "prompts": prompts, "seed": args.seed, "frames": frames,
                  "size": [height, width], "fps": fps, "extend": args.extend, "interpolate": args.interpolate,

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from dit_video.cli import UsageError, check_output_dir, check_output_path, exits_cleanly, parse_device

@@ -190,13 +190,16 @@ def test_sample_py_a_disk_that_fails_while_writing_is_one_line_exit_2_and_leaves
 
     monkeypatch.setattr(sample, "write_contact_sheet", full_disk)  # after the mp4s and gifs are complete
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "clip_1.png").write_bytes(b"an older run's sheet")  # not reached: stays as it was
     with pytest.raises(SystemExit) as exit:
         sample.main(["--model", str(folder), "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "2",
                      "--gif", "--sheet", "--out", "out/clip.mp4"])
     err = capsys.readouterr().err
     last = err.split("\r")[-1].strip().splitlines()  # after the progress bars
     assert exit.value.code == 2 and last == ["error: [Errno 28] No space left on device: 'out/clip_0.png'"], err
-    assert list((tmp_path / "out").iterdir()) == []
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["clip_1.png"]
+    assert (tmp_path / "out" / "clip_1.png").read_bytes() == b"an older run's sheet"
 
 
 def test_sample_py_size_rate_and_device_reach_the_file(folder, tmp_path, monkeypatch):
